@@ -1,0 +1,464 @@
+//! The connection database of paper sections 2.4 and 2.5: the member's own
+//! [`ConnectionTable`] and the [`ConnectionDatabase`] of connections owned by peers.
+//!
+//! Both are keyed by protocol and the connection's endpoints in a canonical order, so a
+//! packet of either direction finds the entry with one probe. Readers (the packet path)
+//! never block on writers; see [`crate::table`].
+//!
+//! An IPv4 entry is one 16-byte slot:
+//!
+//! ```text
+//! word 0: addr_a (32) | addr_b (32)
+//! word 1: port_a (16) | port_b (16) | occupied (1) | udp (1) | swapped (1) | bypass (1)
+//!         | owner (8) | installed_at (20, seconds since the database started, wrapping)
+//! ```
+//!
+//! Endpoint `a` is the lower of the two (address, port) pairs; `swapped` says the connection's
+//! source was endpoint `b`, so the originator's direction is kept for views. An IPv6 entry is
+//! the same with four address words (40 bytes).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Instant;
+
+use crate::flow::{Action, Connection, Protocol};
+use crate::table::{FlowTable, OCCUPIED};
+
+/// Index of a cluster member in the sorted membership list; the owner of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct MemberId(pub u8);
+
+/// Most members a cluster can have (owner ids are 8 bits).
+pub const MAX_MEMBERS: usize = 255;
+
+const UDP: u64 = 1 << 30;
+const SWAPPED: u64 = 1 << 29;
+const BYPASS: u64 = 1 << 28;
+const OWNER_SHIFT: u32 = 20;
+const TIME_MASK: u64 = (1 << 20) - 1;
+
+/// One entry of the database, as installed by its originating member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The connection in its originator's direction.
+    pub connection: Connection,
+    /// The originating (owning) member.
+    pub owner: MemberId,
+    /// Forward to the owner, or bypass.
+    pub action: Action,
+    /// Seconds since the database started, modulo 2^20 (about 12 days).
+    pub installed_at: u32,
+}
+
+/// What an install did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstallOutcome {
+    /// A new entry.
+    New,
+    /// The same owner and action were already there.
+    Unchanged,
+    /// The entry existed with another owner or action, now replaced.
+    Replaced {
+        /// Owner before.
+        previous_owner: MemberId,
+        /// Action before.
+        previous_action: Action,
+    },
+}
+
+/// What a remove did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoveOutcome {
+    /// The entry was removed.
+    Removed,
+    /// No such entry.
+    NotFound,
+    /// The entry belongs to another member and was kept.
+    NotOwner(MemberId),
+}
+
+fn endpoints(c: &Connection) -> (SocketAddr, SocketAddr, bool) {
+    let (s, d) = (c.src(), c.dst());
+    if (s.ip(), s.port()) <= (d.ip(), d.port()) {
+        (s, d, false)
+    } else {
+        (d, s, true)
+    }
+}
+
+fn meta(c: &Connection, swapped: bool, a: &SocketAddr, b: &SocketAddr, owner: MemberId, action: Action, t: u32) -> u64 {
+    let mut m = ((a.port() as u64) << 48) | ((b.port() as u64) << 32) | OCCUPIED;
+    if c.protocol() == Protocol::Udp {
+        m |= UDP;
+    }
+    if swapped {
+        m |= SWAPPED;
+    }
+    if action == Action::Bypass {
+        m |= BYPASS;
+    }
+    m | ((owner.0 as u64) << OWNER_SHIFT) | (t as u64 & TIME_MASK)
+}
+
+fn v4_slot(c: &Connection, owner: MemberId, action: Action, t: u32) -> [u64; 2] {
+    let (a, b, swapped) = endpoints(c);
+    let (IpAddr::V4(ia), IpAddr::V4(ib)) = (a.ip(), b.ip()) else { unreachable!("IPv4 connection") };
+    [((u32::from(ia) as u64) << 32) | u32::from(ib) as u64, meta(c, swapped, &a, &b, owner, action, t)]
+}
+
+fn v6_slot(c: &Connection, owner: MemberId, action: Action, t: u32) -> [u64; 5] {
+    let (a, b, swapped) = endpoints(c);
+    let (IpAddr::V6(ia), IpAddr::V6(ib)) = (a.ip(), b.ip()) else { unreachable!("IPv6 connection") };
+    let (ia, ib) = (u128::from(ia), u128::from(ib));
+    [(ia >> 64) as u64, ia as u64, (ib >> 64) as u64, ib as u64, meta(c, swapped, &a, &b, owner, action, t)]
+}
+
+fn decode_entry(a: IpAddr, b: IpAddr, m: u64) -> Entry {
+    let pa = SocketAddr::new(a, (m >> 48) as u16);
+    let pb = SocketAddr::new(b, (m >> 32) as u16);
+    let (src, dst) = if m & SWAPPED != 0 { (pb, pa) } else { (pa, pb) };
+    let protocol = if m & UDP != 0 { Protocol::Udp } else { Protocol::Tcp };
+    Entry {
+        connection: Connection::new(protocol, src, dst).expect("one family per slot"),
+        owner: MemberId((m >> OWNER_SHIFT) as u8),
+        action: if m & BYPASS != 0 { Action::Bypass } else { Action::Forward },
+        installed_at: (m & TIME_MASK) as u32,
+    }
+}
+
+fn v4_entry(s: &[u64; 2]) -> Entry {
+    decode_entry(Ipv4Addr::from((s[0] >> 32) as u32).into(), Ipv4Addr::from(s[0] as u32).into(), s[1])
+}
+
+fn v6_entry(s: &[u64; 5]) -> Entry {
+    let a = ((s[0] as u128) << 64) | s[1] as u128;
+    let b = ((s[2] as u128) << 64) | s[3] as u128;
+    decode_entry(Ipv6Addr::from(a).into(), Ipv6Addr::from(b).into(), s[4])
+}
+
+fn owner_of(m: u64) -> MemberId {
+    MemberId((m >> OWNER_SHIFT) as u8)
+}
+
+fn action_of(m: u64) -> Action {
+    if m & BYPASS != 0 {
+        Action::Bypass
+    } else {
+        Action::Forward
+    }
+}
+
+/// Connections owned by cluster members, shared by every reader of this member
+/// (paper 2.4: the cluster connection database).
+pub struct ConnectionDatabase {
+    v4: FlowTable<2>,
+    v6: FlowTable<5>,
+    started: Instant,
+    /// Entries per owner and action, kept by writers for metrics and views.
+    counts: Box<[[AtomicI64; 2]]>,
+}
+
+impl Default for ConnectionDatabase {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnectionDatabase {
+    /// An empty database.
+    pub fn new() -> Self {
+        ConnectionDatabase {
+            v4: FlowTable::new(),
+            v6: FlowTable::new(),
+            started: Instant::now(),
+            counts: (0..256).map(|_| [AtomicI64::new(0), AtomicI64::new(0)]).collect(),
+        }
+    }
+
+    /// Seconds since the database started, as stored in `installed_at`.
+    pub fn now_secs(&self) -> u32 {
+        (self.started.elapsed().as_secs() & TIME_MASK) as u32
+    }
+
+    fn count(&self, owner: MemberId, action: Action, delta: i64) {
+        self.counts[owner.0 as usize][(action == Action::Bypass) as usize].fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Installs `connection` as owned by `owner`; a later install by another member replaces
+    /// the owner (the sender of the latest INSTALL is the originating member).
+    pub fn install(&self, connection: &Connection, owner: MemberId, action: Action) -> InstallOutcome {
+        let t = self.now_secs();
+        let prev = if connection.is_ipv4() {
+            self.v4.upsert(v4_slot(connection, owner, action, t)).map(|s| s[1])
+        } else {
+            self.v6.upsert(v6_slot(connection, owner, action, t)).map(|s| s[4])
+        };
+        match prev {
+            None => {
+                self.count(owner, action, 1);
+                InstallOutcome::New
+            }
+            Some(m) if owner_of(m) == owner && action_of(m) == action => InstallOutcome::Unchanged,
+            Some(m) => {
+                self.count(owner_of(m), action_of(m), -1);
+                self.count(owner, action, 1);
+                InstallOutcome::Replaced { previous_owner: owner_of(m), previous_action: action_of(m) }
+            }
+        }
+    }
+
+    /// Removes `connection` if `owner` owns it: only the originating member removes.
+    pub fn remove(&self, connection: &Connection, owner: MemberId) -> RemoveOutcome {
+        let allow = |m: u64| owner_of(m) == owner;
+        let r = if connection.is_ipv4() {
+            self.v4
+                .remove_if(&v4_slot(connection, owner, Action::Forward, 0), |s| allow(s[1]))
+                .map(|(s, ok)| (s[1], ok))
+        } else {
+            self.v6
+                .remove_if(&v6_slot(connection, owner, Action::Forward, 0), |s| allow(s[4]))
+                .map(|(s, ok)| (s[4], ok))
+        };
+        match r {
+            None => RemoveOutcome::NotFound,
+            Some((m, true)) => {
+                self.count(owner_of(m), action_of(m), -1);
+                RemoveOutcome::Removed
+            }
+            Some((m, false)) => RemoveOutcome::NotOwner(owner_of(m)),
+        }
+    }
+
+    /// The entry for a packet of `connection`, in either direction. Never blocks.
+    #[inline]
+    pub fn lookup(&self, connection: &Connection) -> Option<Entry> {
+        if connection.is_ipv4() {
+            self.v4.get(&v4_slot(connection, MemberId(0), Action::Forward, 0)).map(|s| v4_entry(&s))
+        } else {
+            self.v6.get(&v6_slot(connection, MemberId(0), Action::Forward, 0)).map(|s| v6_entry(&s))
+        }
+    }
+
+    /// Owner and action for a packet of `connection`, without building an [`Entry`]: the
+    /// packet path's lookup.
+    #[inline]
+    pub fn owner_of(&self, connection: &Connection) -> Option<(MemberId, Action)> {
+        let m = if connection.is_ipv4() {
+            self.v4.get(&v4_slot(connection, MemberId(0), Action::Forward, 0))?[1]
+        } else {
+            self.v6.get(&v6_slot(connection, MemberId(0), Action::Forward, 0))?[4]
+        };
+        Some((owner_of(m), action_of(m)))
+    }
+
+    /// Drops every entry of `owner` (a peer that left or died). Returns how many.
+    pub fn purge_owner(&self, owner: MemberId) -> usize {
+        let n = self.v4.purge(|s| owner_of(s[1]) == owner) + self.v6.purge(|s| owner_of(s[4]) == owner);
+        for action in [Action::Forward, Action::Bypass] {
+            self.counts[owner.0 as usize][(action == Action::Bypass) as usize].store(0, Ordering::Relaxed);
+        }
+        n
+    }
+
+    /// Calls `f` for every entry.
+    pub fn for_each(&self, mut f: impl FnMut(Entry)) {
+        self.v4.for_each(|s| f(v4_entry(s)));
+        self.v6.for_each(|s| f(v6_entry(s)));
+    }
+
+    /// Every entry of `owner`, for a table sync.
+    pub fn entries_of(&self, owner: MemberId) -> Vec<(Connection, Action)> {
+        let mut v = Vec::with_capacity(self.count_of(owner, Action::Forward) + self.count_of(owner, Action::Bypass));
+        self.v4.for_each(|s| {
+            if owner_of(s[1]) == owner {
+                let e = v4_entry(s);
+                v.push((e.connection, e.action));
+            }
+        });
+        self.v6.for_each(|s| {
+            if owner_of(s[4]) == owner {
+                let e = v6_entry(s);
+                v.push((e.connection, e.action));
+            }
+        });
+        v
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// True when there is no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries owned by `owner` with `action`.
+    pub fn count_of(&self, owner: MemberId, action: Action) -> usize {
+        self.counts[owner.0 as usize][(action == Action::Bypass) as usize].load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Bytes held by the tables.
+    pub fn memory_bytes(&self) -> usize {
+        self.v4.memory_bytes() + self.v6.memory_bytes()
+    }
+
+    /// An order-independent digest of (connection, owner, action) over all entries, to
+    /// compare the databases of two members.
+    pub fn digest(&self) -> u64 {
+        let mut d = 0u64;
+        self.for_each(|e| d = d.wrapping_add(entry_digest(&e)));
+        d
+    }
+}
+
+/// Digest of one entry, independent of install time.
+pub fn entry_digest(e: &Entry) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let canonical = if e.connection.src() <= e.connection.dst() { e.connection } else { e.connection.reversed() };
+    BuildHasherDefault::<DefaultHasher>::default().hash_one((canonical, e.owner, e.action))
+}
+
+/// The member's own connections (paper 2.5: kept apart from the cluster database).
+pub struct ConnectionTable {
+    db: ConnectionDatabase,
+    me: MemberId,
+}
+
+impl ConnectionTable {
+    /// An empty table for member `me`.
+    pub fn new(me: MemberId) -> Self {
+        ConnectionTable { db: ConnectionDatabase::new(), me }
+    }
+
+    /// Adds or updates a local connection; true when it is new or its action changed.
+    pub fn insert(&self, connection: &Connection, action: Action) -> bool {
+        self.db.install(connection, self.me, action) != InstallOutcome::Unchanged
+    }
+
+    /// Removes a local connection; returns its action if it was there.
+    pub fn remove(&self, connection: &Connection) -> Option<Action> {
+        let action = self.db.owner_of(connection)?.1;
+        (self.db.remove(connection, self.me) == RemoveOutcome::Removed).then_some(action)
+    }
+
+    /// The action for a packet of a local connection, in either direction. Never blocks.
+    #[inline]
+    pub fn lookup(&self, connection: &Connection) -> Option<Action> {
+        self.db.owner_of(connection).map(|(_, a)| a)
+    }
+
+    /// The full entry (with direction and install time) of a local connection.
+    pub fn entry(&self, connection: &Connection) -> Option<Entry> {
+        self.db.lookup(connection)
+    }
+
+    /// Every local connection, for a table sync.
+    pub fn snapshot(&self) -> Vec<(Connection, Action)> {
+        self.db.entries_of(self.me)
+    }
+
+    /// Calls `f` for every local entry.
+    pub fn for_each(&self, f: impl FnMut(Entry)) {
+        self.db.for_each(f)
+    }
+
+    /// Number of local connections.
+    pub fn len(&self) -> usize {
+        self.db.len()
+    }
+
+    /// True when there is no local connection.
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty()
+    }
+
+    /// Local connections with `action`.
+    pub fn count_of(&self, action: Action) -> usize {
+        self.db.count_of(self.me, action)
+    }
+
+    /// Bytes held by the table.
+    pub fn memory_bytes(&self) -> usize {
+        self.db.memory_bytes()
+    }
+
+    /// Digest as [`ConnectionDatabase::digest`].
+    pub fn digest(&self) -> u64 {
+        self.db.digest()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(p: Protocol, s: &str, d: &str) -> Connection {
+        Connection::new(p, s.parse().unwrap(), d.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn both_directions_find_the_entry() {
+        let db = ConnectionDatabase::new();
+        for conn in [
+            c(Protocol::Tcp, "198.51.100.9:80", "192.0.2.1:40000"),
+            c(Protocol::Udp, "[2001:db8::9]:53", "[2001:db8::1]:5353"),
+        ] {
+            assert_eq!(db.install(&conn, MemberId(3), Action::Forward), InstallOutcome::New);
+            let e = db.lookup(&conn.reversed()).expect("reverse direction");
+            assert_eq!(e.connection, conn, "originator's direction is kept");
+            assert_eq!((e.owner, e.action), (MemberId(3), Action::Forward));
+            assert_eq!(db.owner_of(&conn), Some((MemberId(3), Action::Forward)));
+        }
+        let other_proto = c(Protocol::Udp, "198.51.100.9:80", "192.0.2.1:40000");
+        assert_eq!(db.lookup(&other_proto), None, "protocol is part of the key");
+        assert_eq!(db.count_of(MemberId(3), Action::Forward), 2);
+    }
+
+    #[test]
+    fn only_the_owner_removes_and_purge_drops_one_member() {
+        let db = ConnectionDatabase::new();
+        let a = c(Protocol::Tcp, "192.0.2.1:1", "192.0.2.2:2");
+        let b = c(Protocol::Tcp, "192.0.2.1:3", "192.0.2.2:4");
+        db.install(&a, MemberId(1), Action::Forward);
+        db.install(&b, MemberId(2), Action::Bypass);
+        assert_eq!(db.remove(&a, MemberId(2)), RemoveOutcome::NotOwner(MemberId(1)));
+        assert_eq!(
+            db.install(&a, MemberId(2), Action::Forward),
+            InstallOutcome::Replaced { previous_owner: MemberId(1), previous_action: Action::Forward }
+        );
+        assert_eq!(db.purge_owner(MemberId(2)), 2);
+        assert!(db.is_empty());
+        assert_eq!(db.remove(&a, MemberId(2)), RemoveOutcome::NotFound);
+        assert_eq!(db.count_of(MemberId(2), Action::Bypass), 0);
+    }
+
+    #[test]
+    fn digest_ignores_order_and_direction() {
+        let (x, y) = (ConnectionDatabase::new(), ConnectionDatabase::new());
+        let conns: Vec<_> =
+            (0..100).map(|i| c(Protocol::Tcp, &format!("192.0.2.1:{}", 1000 + i), "192.0.2.2:80")).collect();
+        for k in &conns {
+            x.install(k, MemberId(1), Action::Forward);
+        }
+        for k in conns.iter().rev() {
+            y.install(k, MemberId(1), Action::Forward);
+        }
+        assert_eq!(x.digest(), y.digest());
+        y.install(&conns[0], MemberId(1), Action::Bypass);
+        assert_ne!(x.digest(), y.digest());
+    }
+
+    #[test]
+    fn local_table() {
+        let t = ConnectionTable::new(MemberId(0));
+        let a = c(Protocol::Tcp, "192.0.2.1:1", "192.0.2.2:2");
+        assert!(t.insert(&a, Action::Forward));
+        assert!(!t.insert(&a, Action::Forward));
+        assert_eq!(t.lookup(&a.reversed()), Some(Action::Forward));
+        assert_eq!(t.snapshot(), vec![(a, Action::Forward)]);
+        assert_eq!(t.remove(&a), Some(Action::Forward));
+        assert_eq!(t.remove(&a), None);
+    }
+}

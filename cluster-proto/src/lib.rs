@@ -1,0 +1,17 @@
+//! The cluster control protocol of "A Novel Approach to Manage Asymmetric Traffic Flows for
+//! Secure Network Proxies" (Qing Li), version 1 byte-exact: the wire codec ([`wire`]), the
+//! sans-IO peer session ([`session`]), the connection database ([`database`]) and the tokio
+//! mesh driver ([`mesh`]).
+
+#![warn(missing_docs)]
+
+pub mod database;
+pub mod flow;
+pub mod session;
+pub mod table;
+pub mod wire;
+
+pub use database::{ConnectionDatabase, ConnectionTable, Entry, MemberId};
+pub use flow::{Action, Connection, Protocol};
+pub use session::{Session, SessionConfig};
+pub use wire::{ErrorCode, Message};

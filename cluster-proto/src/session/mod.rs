@@ -1,0 +1,503 @@
+//! The peer session: one control channel's state machine (paper 2.3 and Fig. 6), sans-IO.
+//!
+//! The session never touches a socket or a clock. Its driver feeds it received bytes and the
+//! current time, writes what [`Session::poll_transmit`] returns, arms a timer for
+//! [`Session::poll_timeout`], and reacts to [`Session::poll_event`]:
+//!
+//! ```text
+//!            initiator: send PEER_JOIN          acceptor: wait for PEER_JOIN
+//!                        \                         /
+//!                         +------ CONNECT --------+
+//!                         |  PEER_JOIN exchanged  |  wrong first message, garbage,
+//!                         v                       |  PEER_REJECT, join timeout -> CLOSED
+//!                    SYNCHRONIZE   (each side sends its whole connection table)
+//!                         |  own table handed to the transport
+//!                         v
+//!                    ESTABLISHED   (INSTALL/REMOVE, keepalives)
+//!                         |  PEER_LEAVE, bad message, silence, local leave
+//!                         v
+//!                       CLOSED
+//! ```
+//!
+//! Keepalives: each side sends PEER_KEEPALIVE when it has sent nothing for one interval, so
+//! INSTALL/REMOVE traffic resets the timer; a peer from which nothing was received for
+//! `dead_after` intervals is dead.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::flow::{Action, Connection};
+use crate::wire::{DecodeError, ErrorCode, Message};
+
+/// Per-channel settings (per peer in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Protocol version this member speaks and expects in PEER_JOIN.
+    pub version: u8,
+    /// PEER_KEEPALIVE interval.
+    pub keepalive: Duration,
+    /// Number of silent intervals after which the peer is dead (the paper's 3 by default).
+    pub dead_after: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { version: crate::wire::VERSION_1, keepalive: Duration::from_secs(1), dead_after: 3 }
+    }
+}
+
+impl SessionConfig {
+    /// How long the peer may stay silent before it is dead.
+    pub fn dead_interval(&self) -> Duration {
+        self.keepalive * self.dead_after.max(1)
+    }
+}
+
+/// Which end of the TCP connection this session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Dialed the peer; sends PEER_JOIN first.
+    Initiator,
+    /// Accepted the connection on the cluster port; waits for PEER_JOIN.
+    Acceptor,
+}
+
+/// Whether the acceptor's peer is in the membership list (decided from its address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A configured member.
+    Member,
+    /// Not in the membership list: its PEER_JOIN gets PEER_REJECT(not a member).
+    NotMember,
+}
+
+/// Channel states of Fig. 6 (INIT belongs to the node, before any channel exists).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// TCP is up; PEER_JOINs are being exchanged.
+    Connect,
+    /// Joined; the connection tables are being exchanged.
+    Synchronize,
+    /// This side's table has been sent; normal operation.
+    Established,
+    /// Closed; only queued bytes (a PEER_LEAVE or PEER_REJECT) may remain to be sent.
+    Closed,
+}
+
+/// Why a session closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer sent PEER_LEAVE.
+    PeerLeft(ErrorCode),
+    /// The peer refused our PEER_JOIN with PEER_REJECT.
+    RejectedByPeer(ErrorCode),
+    /// We refused the peer's PEER_JOIN.
+    Rejected(ErrorCode),
+    /// We left (shutdown, duplicate channel, stalled peer...).
+    Left(ErrorCode),
+    /// The first message was not PEER_JOIN.
+    NotJoin,
+    /// Bytes that do not decode, or a message out of place after the join.
+    BadMessage(BadMessage),
+    /// Nothing received for `dead_after` keepalive intervals after the join.
+    Dead,
+    /// No PEER_JOIN within `dead_after` keepalive intervals of the TCP connection.
+    JoinTimeout,
+    /// The transport closed (EOF or error); reported by the driver.
+    TransportClosed,
+}
+
+impl CloseReason {
+    /// A short stable name for logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CloseReason::PeerLeft(_) => "peer_left",
+            CloseReason::RejectedByPeer(_) => "rejected_by_peer",
+            CloseReason::Rejected(_) => "rejected",
+            CloseReason::Left(_) => "left",
+            CloseReason::NotJoin => "not_join",
+            CloseReason::BadMessage(_) => "bad_message",
+            CloseReason::Dead => "dead",
+            CloseReason::JoinTimeout => "join_timeout",
+            CloseReason::TransportClosed => "transport_closed",
+        }
+    }
+}
+
+/// What made a message bad.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadMessage {
+    /// The bytes do not decode.
+    Decode(DecodeError),
+    /// A PEER_JOIN after the join.
+    UnexpectedJoin,
+}
+
+/// What the driver must react to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Acceptor only: a member's PEER_JOIN with our version arrived. Call
+    /// [`Session::accept`] or [`Session::reject`].
+    JoinRequested,
+    /// Both PEER_JOINs are exchanged: SYNCHRONIZE. Call [`Session::send_table`].
+    Joined,
+    /// Our whole table has been handed to the transport: ESTABLISHED.
+    Established,
+    /// The peer installs a connection it owns.
+    Install {
+        /// FORWARD or BYPASS.
+        action: Action,
+        /// The connection.
+        connection: Connection,
+    },
+    /// The peer removes a connection it owns.
+    Remove {
+        /// FORWARD or BYPASS.
+        action: Action,
+        /// The connection.
+        connection: Connection,
+    },
+    /// The session is closed; flush [`Session::poll_transmit`], then close the transport.
+    Closed(CloseReason),
+}
+
+/// Messages and bytes counted by type (index 0 INSTALL, 1 REMOVE, 2 PEER_SYNC) and action
+/// code (1..=4), for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages received.
+    pub rx: [[u64; 5]; 3],
+    /// Messages sent.
+    pub tx: [[u64; 5]; 3],
+}
+
+impl Counters {
+    fn bump(table: &mut [[u64; 5]; 3], m: &Message) {
+        let (t, a) = m.type_and_action();
+        table[(t as usize - 1).min(2)][(a as usize).min(4)] += 1;
+    }
+}
+
+/// One control channel's protocol state.
+pub struct Session {
+    role: Role,
+    admission: Admission,
+    config: SessionConfig,
+    state: State,
+    join_pending: bool,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    sent_total: u64,
+    queued_total: u64,
+    sync_end: Option<u64>,
+    last_rx: Instant,
+    last_tx: Instant,
+    events: VecDeque<Event>,
+    counters: Counters,
+}
+
+impl Session {
+    /// A new session on a freshly connected transport; an initiator queues its PEER_JOIN.
+    pub fn new(role: Role, admission: Admission, config: SessionConfig, now: Instant) -> Self {
+        let mut s = Session {
+            role,
+            admission,
+            config,
+            state: State::Connect,
+            join_pending: false,
+            inbuf: Vec::new(),
+            out: Vec::with_capacity(4096),
+            out_pos: 0,
+            sent_total: 0,
+            queued_total: 0,
+            sync_end: None,
+            last_rx: now,
+            last_tx: now,
+            events: VecDeque::new(),
+            counters: Counters::default(),
+        };
+        if role == Role::Initiator {
+            s.queue(now, Message::PeerJoin { version: config.version });
+        }
+        s
+    }
+
+    /// Current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Initiator or acceptor.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The channel's settings.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// True once closed.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// True after the PEER_JOIN exchange and before closing.
+    pub fn is_joined(&self) -> bool {
+        matches!(self.state, State::Synchronize | State::Established)
+    }
+
+    /// Messages counted so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn queue(&mut self, now: Instant, m: Message) {
+        let before = self.out.len();
+        m.encode(&mut self.out);
+        self.queued_total += (self.out.len() - before) as u64;
+        Counters::bump(&mut self.counters.tx, &m);
+        self.last_tx = now;
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if self.state != State::Closed {
+            self.state = State::Closed;
+            self.events.push_back(Event::Closed(reason));
+        }
+    }
+
+    /// Feeds bytes received from the peer.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        if self.state == State::Closed || data.is_empty() {
+            return;
+        }
+        if self.inbuf.is_empty() {
+            let used = self.decode_from(now, data);
+            if self.state != State::Closed {
+                self.inbuf.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.inbuf);
+            buf.extend_from_slice(data);
+            let used = self.decode_from(now, &buf);
+            buf.drain(..used);
+            if self.state != State::Closed {
+                self.inbuf = buf;
+            }
+        }
+    }
+
+    /// Decodes whole messages from `buf`; returns the bytes consumed.
+    fn decode_from(&mut self, now: Instant, buf: &[u8]) -> usize {
+        let mut at = 0;
+        while self.state != State::Closed && !self.join_pending {
+            match Message::decode(&buf[at..]) {
+                Ok(Some((m, n))) => {
+                    at += n;
+                    self.last_rx = now;
+                    Counters::bump(&mut self.counters.rx, &m);
+                    self.on_message(now, m);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if self.is_joined() {
+                        // Paper 2.3: the rest of the stream cannot be parsed; say why and close.
+                        self.queue(now, Message::PeerLeave { code: ErrorCode::BAD_MESSAGE });
+                        self.close(CloseReason::BadMessage(BadMessage::Decode(e)));
+                    } else {
+                        self.close(CloseReason::NotJoin);
+                    }
+                    break;
+                }
+            }
+        }
+        at
+    }
+
+    fn on_message(&mut self, now: Instant, m: Message) {
+        match (self.state, m) {
+            (State::Connect, Message::PeerJoin { version }) => {
+                if self.role == Role::Acceptor {
+                    if self.admission == Admission::NotMember {
+                        self.reject(now, ErrorCode::NOT_A_MEMBER);
+                    } else if version != self.config.version {
+                        self.reject(now, ErrorCode::VERSION_MISMATCH);
+                    } else {
+                        self.join_pending = true;
+                        self.events.push_back(Event::JoinRequested);
+                    }
+                } else if version != self.config.version {
+                    self.leave(now, ErrorCode::VERSION_MISMATCH);
+                } else {
+                    self.state = State::Synchronize;
+                    self.events.push_back(Event::Joined);
+                }
+            }
+            (State::Connect, Message::PeerReject { code }) if self.role == Role::Initiator => {
+                self.close(CloseReason::RejectedByPeer(code))
+            }
+            (State::Connect, _) => self.close(CloseReason::NotJoin),
+            (_, Message::InstallConnection { action, connection }) => {
+                self.events.push_back(Event::Install { action, connection })
+            }
+            (_, Message::RemoveConnection { action, connection }) => {
+                self.events.push_back(Event::Remove { action, connection })
+            }
+            (_, Message::PeerKeepalive) => {}
+            (_, Message::PeerLeave { code }) => self.close(CloseReason::PeerLeft(code)),
+            (_, Message::PeerReject { code }) => self.close(CloseReason::RejectedByPeer(code)),
+            (_, Message::PeerJoin { .. }) => {
+                self.queue(now, Message::PeerLeave { code: ErrorCode::BAD_MESSAGE });
+                self.close(CloseReason::BadMessage(BadMessage::UnexpectedJoin));
+            }
+        }
+    }
+
+    /// Acceptor: admits the peer after [`Event::JoinRequested`]; replies with PEER_JOIN and
+    /// enters SYNCHRONIZE. Bytes that arrived behind the PEER_JOIN are processed now.
+    pub fn accept(&mut self, now: Instant) {
+        if !self.join_pending || self.state != State::Connect {
+            return;
+        }
+        self.join_pending = false;
+        self.queue(now, Message::PeerJoin { version: self.config.version });
+        self.state = State::Synchronize;
+        self.events.push_back(Event::Joined);
+        let pending = std::mem::take(&mut self.inbuf);
+        self.handle_bytes(now, &pending);
+    }
+
+    /// Acceptor: refuses the peer's PEER_JOIN with PEER_REJECT and closes.
+    pub fn reject(&mut self, now: Instant, code: ErrorCode) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.join_pending = false;
+        self.queue(now, Message::PeerReject { code });
+        self.close(CloseReason::Rejected(code));
+    }
+
+    /// Sends PEER_LEAVE and closes (shutdown, duplicate channel, stalled peer).
+    pub fn leave(&mut self, now: Instant, code: ErrorCode) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.state != State::Connect || self.role == Role::Initiator {
+            self.queue(now, Message::PeerLeave { code });
+        }
+        self.close(CloseReason::Left(code));
+    }
+
+    /// The driver saw the transport close.
+    pub fn transport_closed(&mut self) {
+        self.close(CloseReason::TransportClosed);
+    }
+
+    /// SYNCHRONIZE: queues the whole local table. The channel becomes ESTABLISHED when these
+    /// bytes have been handed to the transport (at once for an empty table).
+    pub fn send_table<'a>(&mut self, now: Instant, table: impl IntoIterator<Item = &'a (Connection, Action)>) {
+        if self.state != State::Synchronize {
+            return;
+        }
+        for &(connection, action) in table {
+            self.queue(now, Message::InstallConnection { action, connection });
+        }
+        self.sync_end = Some(self.queued_total);
+        self.check_established();
+    }
+
+    fn check_established(&mut self) {
+        if let Some(end) = self.sync_end {
+            if self.state == State::Synchronize && self.sent_total >= end {
+                self.state = State::Established;
+                self.sync_end = None;
+                self.events.push_back(Event::Established);
+            }
+        }
+    }
+
+    /// Queues INSTALL_CONNECTION; ignored (false) before the join or after closing.
+    pub fn install(&mut self, now: Instant, action: Action, connection: Connection) -> bool {
+        self.send_update(now, Message::InstallConnection { action, connection })
+    }
+
+    /// Queues REMOVE_CONNECTION; ignored (false) before the join or after closing.
+    pub fn remove(&mut self, now: Instant, action: Action, connection: Connection) -> bool {
+        self.send_update(now, Message::RemoveConnection { action, connection })
+    }
+
+    fn send_update(&mut self, now: Instant, m: Message) -> bool {
+        if !self.is_joined() {
+            return false;
+        }
+        self.queue(now, m);
+        true
+    }
+
+    /// Bytes waiting to be written to the transport.
+    pub fn poll_transmit(&self) -> Option<&[u8]> {
+        (self.out_pos < self.out.len()).then(|| &self.out[self.out_pos..])
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending_bytes(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// The transport took `n` bytes of what [`Session::poll_transmit`] returned.
+    pub fn advance_transmit(&mut self, n: usize) {
+        let n = n.min(self.out.len() - self.out_pos);
+        self.out_pos += n;
+        self.sent_total += n as u64;
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        } else if self.out_pos > 1 << 16 && self.out_pos * 2 > self.out.len() {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        self.check_established();
+    }
+
+    /// When [`Session::handle_timeout`] must be called next; `None` once closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state == State::Closed {
+            return None;
+        }
+        let dead = self.last_rx + self.config.dead_interval();
+        if self.is_joined() {
+            Some(dead.min(self.last_tx + self.config.keepalive))
+        } else {
+            Some(dead)
+        }
+    }
+
+    /// Fires timers: keepalive transmission, dead peer, join timeout.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        if now >= self.last_rx + self.config.dead_interval() {
+            if self.is_joined() {
+                self.close(CloseReason::Dead);
+            } else {
+                self.close(CloseReason::JoinTimeout);
+            }
+            return;
+        }
+        if self.is_joined() && now >= self.last_tx + self.config.keepalive {
+            self.queue(now, Message::PeerKeepalive);
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests;

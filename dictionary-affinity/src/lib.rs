@@ -1,0 +1,1 @@
+//! Dictionary affinity (issue: affinity). Not built yet: chunking, the codec and the affinity engine land here.
