@@ -354,6 +354,11 @@ impl ConnectionTable {
         self.db.lookup(connection)
     }
 
+    /// The install clock of this table, as [`ConnectionDatabase::now_secs`].
+    pub fn entry_now_secs(&self) -> u32 {
+        self.db.now_secs()
+    }
+
     /// Every local connection, for a table sync.
     pub fn snapshot(&self) -> Vec<(Connection, Action)> {
         self.db.entries_of(self.me)

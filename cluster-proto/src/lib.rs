@@ -7,6 +7,7 @@
 
 pub mod database;
 pub mod flow;
+pub mod mesh;
 pub mod session;
 pub mod table;
 pub mod wire;

@@ -1,0 +1,273 @@
+//! One control channel: a [`Session`] driven over a `TcpStream`.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::{CloseSignal, Inner, MeshEvent, Outgoing, PeerState};
+use crate::database::{InstallOutcome, MemberId, RemoveOutcome};
+use crate::session::{Admission, CloseReason, Counters, Event, Role, Session};
+use crate::wire::ErrorCode;
+
+/// Above this many queued bytes the channel stops taking updates from its queue, so a peer
+/// that does not read fills the queue and is declared stalled.
+const HIGH_WATER: usize = 8 << 20;
+/// Messages taken from the queue in one go.
+const BATCH: usize = 4096;
+
+/// How a channel ended, for the dialer's retry policy.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// It was the peer's current channel for a while.
+    WasCurrent,
+    /// Another channel with the same peer was kept instead.
+    Duplicate,
+    /// The peer refused the join for another reason.
+    Rejected(ErrorCode),
+    /// It closed before joining.
+    Failed(&'static str),
+}
+
+/// Counts a live channel; the mesh's shutdown waits for the count to reach zero.
+struct ActiveGuard(Arc<Inner>);
+
+impl ActiveGuard {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.active_channels.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(inner.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.active_channels.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Runs the channel until it closes. `peer` is `None` for a stranger (accepted only to be
+/// rejected); `pending` is released once the join completes.
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    role: Role,
+    peer: Option<MemberId>,
+    remote: IpAddr,
+    mut pending: Option<OwnedSemaphorePermit>,
+) -> Outcome {
+    let _active = ActiveGuard::new(&inner);
+    let _ = stream.set_nodelay(true);
+    let admission = if peer.is_some() { Admission::Member } else { Admission::NotMember };
+    let mut s = Session::new(role, admission, inner.session_config(peer), Instant::now());
+    let channel = inner.next_channel.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(inner.config.send_queue);
+    let close = CloseSignal::new();
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut current = false;
+    let mut outcome = Outcome::Failed("closed before join");
+    let mut joined_at: Option<Instant> = None;
+    let mut table_entries = 0usize;
+    let mut counted = Counters::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut reason = CloseReason::TransportClosed;
+
+    'run: loop {
+        while let Some(ev) = s.poll_event() {
+            let now = Instant::now();
+            match ev {
+                Event::JoinRequested => {
+                    let p = peer.expect("only members get JoinRequested");
+                    if inner.join(p, channel, role, &tx, &close) {
+                        s.accept(now);
+                        current = true;
+                        outcome = Outcome::WasCurrent;
+                        joined_at = Some(now);
+                        pending.take();
+                    } else {
+                        s.reject(now, ErrorCode::DUPLICATE_CHANNEL);
+                        outcome = Outcome::Duplicate;
+                    }
+                }
+                Event::Joined => {
+                    if role == Role::Initiator {
+                        let p = peer.expect("initiators dial members");
+                        if inner.join(p, channel, role, &tx, &close) {
+                            current = true;
+                            outcome = Outcome::WasCurrent;
+                            joined_at = Some(now);
+                        } else {
+                            s.leave(now, ErrorCode::DUPLICATE_CHANNEL);
+                            outcome = Outcome::Duplicate;
+                        }
+                    }
+                }
+                Event::Established => {
+                    if let (Some(p), Some(t0)) = (peer, joined_at) {
+                        let mut slot = inner.slot(p);
+                        if slot.current.as_ref().map(|c| c.channel) == Some(channel) {
+                            slot.set_state(PeerState::Established);
+                        }
+                        drop(slot);
+                        inner.observer.on_event(&MeshEvent::TableSent {
+                            peer: remote,
+                            entries: table_entries,
+                            duration: t0.elapsed(),
+                        });
+                    }
+                }
+                Event::Install { action, connection } => {
+                    let p = peer.expect("members only");
+                    let slot = inner.slot(p);
+                    if slot.current.as_ref().map(|c| c.channel) == Some(channel) {
+                        if let InstallOutcome::Replaced { previous_owner, .. } =
+                            inner.db.install(&connection, p, action)
+                        {
+                            if previous_owner != p {
+                                inner
+                                    .observer
+                                    .on_event(&MeshEvent::OwnershipConflict { peer: remote, kind: "install_replaced" });
+                            }
+                        }
+                    }
+                }
+                Event::Remove { connection, .. } => {
+                    let p = peer.expect("members only");
+                    let slot = inner.slot(p);
+                    if slot.current.as_ref().map(|c| c.channel) == Some(channel) {
+                        if let RemoveOutcome::NotOwner(_) = inner.db.remove(&connection, p) {
+                            inner
+                                .observer
+                                .on_event(&MeshEvent::OwnershipConflict { peer: remote, kind: "remove_not_owner" });
+                        }
+                    }
+                }
+                Event::Closed(r) => {
+                    reason = r;
+                    match r {
+                        CloseReason::Rejected(code) => {
+                            inner.observer.on_event(&MeshEvent::Reject { peer: remote, code, sent: true });
+                            tracing::info!(%remote, %code, "peering refused");
+                        }
+                        CloseReason::RejectedByPeer(code) => {
+                            inner.observer.on_event(&MeshEvent::Reject { peer: remote, code, sent: false });
+                            if code == ErrorCode::DUPLICATE_CHANNEL {
+                                outcome = Outcome::Duplicate;
+                            } else {
+                                outcome = Outcome::Rejected(code);
+                                tracing::warn!(%remote, %code, "peer refused our join");
+                            }
+                        }
+                        CloseReason::Dead => {
+                            if let Some(p) = peer {
+                                inner.keepalive_timeouts[p.0 as usize].fetch_add(1, Ordering::Relaxed);
+                            }
+                            inner.observer.on_event(&MeshEvent::KeepaliveTimeout { peer: remote });
+                            tracing::warn!(%remote, "peer silent for too long, declared dead");
+                        }
+                        CloseReason::NotJoin | CloseReason::JoinTimeout => {
+                            inner.observer.on_event(&MeshEvent::ChannelRefused { peer: remote, reason: r.name() });
+                            tracing::info!(%remote, reason = r.name(), "control channel closed before the join");
+                        }
+                        CloseReason::BadMessage(b) => {
+                            tracing::warn!(%remote, ?b, "bad message, leaving the channel");
+                        }
+                        _ => tracing::debug!(%remote, reason = r.name(), "channel closed"),
+                    }
+                }
+            }
+        }
+        inner.messages.add_delta(s.counters(), &mut counted);
+        if s.is_closed() {
+            break 'run;
+        }
+        let deadline = s.poll_timeout().expect("open sessions have a timer");
+        let want_write = s.pending_bytes() > 0;
+        let can_take = current && s.pending_bytes() < HIGH_WATER;
+        tokio::select! {
+            biased;
+            _ = close.notify.notified() => {
+                s.leave(Instant::now(), ErrorCode(close.code.load(Ordering::Relaxed)));
+            }
+            _ = shutdown.changed() => {
+                if inner.killed.load(Ordering::Acquire) {
+                    reason = CloseReason::Left(ErrorCode::NONE);
+                    break 'run;
+                }
+                s.leave(Instant::now(), ErrorCode::NONE);
+            }
+            r = stream.writable(), if want_write => {
+                if r.is_ok() {
+                    if let Some(bytes) = s.poll_transmit() {
+                        match stream.try_write(bytes) {
+                            Ok(n) => s.advance_transmit(n),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => s.transport_closed(),
+                        }
+                    }
+                } else {
+                    s.transport_closed();
+                }
+            }
+            r = stream.readable() => {
+                if r.is_ok() {
+                    match stream.try_read(&mut buf) {
+                        Ok(0) => s.transport_closed(),
+                        Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => s.transport_closed(),
+                    }
+                } else {
+                    s.transport_closed();
+                }
+            }
+            cmd = rx.recv(), if can_take => {
+                let now = Instant::now();
+                let mut next = cmd;
+                let mut n = 0;
+                while let Some(c) = next {
+                    match c {
+                        Outgoing::Table(t) => {
+                            table_entries = t.len();
+                            s.send_table(now, &t);
+                        }
+                        Outgoing::Install(a, c) => { s.install(now, a, c); }
+                        Outgoing::Remove(a, c) => { s.remove(now, a, c); }
+                    }
+                    n += 1;
+                    next = if n < BATCH { rx.try_recv().ok() } else { None };
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => s.handle_timeout(Instant::now()),
+        }
+    }
+
+    // Flush what is left (a PEER_LEAVE or PEER_REJECT), but never wait long for it.
+    if !inner.killed.load(Ordering::Acquire) {
+        let flush = async {
+            while let Some(bytes) = s.poll_transmit() {
+                if stream.writable().await.is_err() {
+                    break;
+                }
+                match stream.try_write(bytes) {
+                    Ok(n) => s.advance_transmit(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+        inner.messages.add_delta(s.counters(), &mut counted);
+    }
+    drop(stream);
+    if let Some(p) = peer {
+        if current {
+            inner.channel_closed(p, channel, reason.name());
+        }
+    }
+    outcome
+}

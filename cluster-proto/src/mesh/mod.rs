@@ -1,0 +1,458 @@
+//! The mesh driver on tokio: a listener on the cluster port, a dialer per member, and one
+//! task per control channel that runs a sans-IO [`Session`] over a `TcpStream`.
+//!
+//! Ownership rules kept here (paper 2.2 to 2.4):
+//! - the member list is static; a member is identified by the source address of its
+//!   control channel, so members dial from their cluster address;
+//! - at most one channel per peer is *current*; only its messages change the database, and
+//!   when it closes the peer's entries are purged;
+//! - when two channels with the same peer complete the join (both members dialed at once, or
+//!   a restart), the one dialed by the lower address is kept; between two of equal standing
+//!   the newer wins (the peer restarted). The loser gets PEER_REJECT or PEER_LEAVE with
+//!   error code 4 (duplicate control channel);
+//! - local changes and the snapshot sent to a newly joined peer are serialized by one lock,
+//!   so a peer never misses or reorders an update around its table sync.
+
+mod channel;
+mod net;
+pub mod stats;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::database::{ConnectionDatabase, ConnectionTable, MemberId, MAX_MEMBERS};
+use crate::flow::{Action, Connection};
+use crate::session::{Role, SessionConfig};
+use crate::wire::ErrorCode;
+pub use stats::{MeshEvent, MeshObserver, MessageCounters, NoObserver, PeerInfo, PeerState};
+
+/// How many times a dialer tries a peer before giving up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retries {
+    /// Keep trying for ever (paper 2.3: for a peer down a long time that will come back).
+    Infinite,
+    /// Give up after this many failed attempts in a row.
+    Count(u32),
+}
+
+/// One member of the static membership list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberConfig {
+    /// The member's cluster address (control channel source and destination).
+    pub address: IpAddr,
+    /// The member's control port.
+    pub port: u16,
+    /// Keepalive interval, dead-after count and version used with this member.
+    pub session: SessionConfig,
+    /// Connect attempts towards this member.
+    pub connect_retries: Retries,
+}
+
+/// Everything the mesh needs to run.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// This member's cluster address; must be one of `members`.
+    pub address: IpAddr,
+    /// The membership list, this member included.
+    pub members: Vec<MemberConfig>,
+    /// Messages queued towards one peer before it is declared stalled and resynchronized.
+    pub send_queue: usize,
+    /// First reconnect delay; doubles per failure up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Channels accepted but not yet joined, at most.
+    pub max_pending_joins: usize,
+}
+
+/// Why a mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The configuration is inconsistent.
+    #[error("mesh configuration: {0}")]
+    Config(String),
+    /// The control port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address tried.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+enum Outgoing {
+    Table(Vec<(Connection, Action)>),
+    Install(Action, Connection),
+    Remove(Action, Connection),
+}
+
+/// Asks a channel task to close with a PEER_LEAVE code.
+struct CloseSignal {
+    notify: Notify,
+    code: AtomicU8,
+}
+
+impl CloseSignal {
+    fn new() -> Arc<Self> {
+        Arc::new(CloseSignal { notify: Notify::new(), code: AtomicU8::new(0) })
+    }
+    fn fire(&self, code: ErrorCode) {
+        self.code.store(code.0, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+}
+
+struct Link {
+    channel: u64,
+    tx: mpsc::Sender<Outgoing>,
+    close: Arc<CloseSignal>,
+}
+
+struct Current {
+    channel: u64,
+    lower_initiated: bool,
+    role: Role,
+    close: Arc<CloseSignal>,
+}
+
+struct PeerSlot {
+    current: Option<Current>,
+    state: PeerState,
+    since: Instant,
+    connect_failures: u32,
+    last_close: Option<String>,
+}
+
+impl PeerSlot {
+    fn set_state(&mut self, s: PeerState) {
+        if self.state != s {
+            self.state = s;
+            self.since = Instant::now();
+        }
+    }
+}
+
+struct Inner {
+    config: MeshConfig,
+    me: MemberId,
+    port: u16,
+    local: ConnectionTable,
+    db: ConnectionDatabase,
+    /// Links to current channels by member; the lock also serializes local changes.
+    outbound: Mutex<Vec<Option<Link>>>,
+    peers: Vec<Mutex<PeerSlot>>,
+    /// Woken when a peer loses its current channel (its dialer may dial again).
+    peer_changed: Vec<Notify>,
+    keepalive_timeouts: Vec<AtomicU64>,
+    next_channel: AtomicU64,
+    messages: MessageCounters,
+    observer: Arc<dyn MeshObserver>,
+    shutdown: watch::Sender<bool>,
+    active_channels: AtomicUsize,
+    idle: Notify,
+    killed: std::sync::atomic::AtomicBool,
+}
+
+/// A running cluster member's control plane. Cloning gives another handle to the same mesh.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+impl MeshConfig {
+    /// A configuration with one session setting for every member, and defaults elsewhere.
+    pub fn uniform(address: IpAddr, port: u16, members: &[IpAddr], session: SessionConfig, retries: Retries) -> Self {
+        MeshConfig {
+            address,
+            members: members
+                .iter()
+                .map(|&a| MemberConfig { address: a, port, session, connect_retries: retries })
+                .collect(),
+            send_queue: 1 << 16,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            max_pending_joins: 64,
+        }
+    }
+
+    fn validate(mut self) -> Result<(MeshConfig, MemberId), MeshError> {
+        self.members.sort_by_key(|m| m.address);
+        if self.members.len() > MAX_MEMBERS {
+            return Err(MeshError::Config(format!("at most {MAX_MEMBERS} members, got {}", self.members.len())));
+        }
+        if let Some(w) = self.members.windows(2).find(|w| w[0].address == w[1].address) {
+            return Err(MeshError::Config(format!("member {} is listed twice", w[0].address)));
+        }
+        let me = self.members.iter().position(|m| m.address == self.address).ok_or_else(|| {
+            MeshError::Config(format!("this member's address {} is not in the member list", self.address))
+        })?;
+        if self.send_queue == 0 || self.max_pending_joins == 0 {
+            return Err(MeshError::Config("send_queue and max_pending_joins must be at least 1".into()));
+        }
+        Ok((self, MemberId(me as u8)))
+    }
+}
+
+impl Mesh {
+    /// Binds the control port and starts the listener and one dialer per peer.
+    pub async fn start(config: MeshConfig, observer: Arc<dyn MeshObserver>) -> Result<Mesh, MeshError> {
+        let (config, me) = config.validate()?;
+        let port = config.members[me.0 as usize].port;
+        let listen = SocketAddr::new(config.address, port);
+        let listener = net::bind(listen).map_err(|source| MeshError::Listen { addr: listen, source })?;
+        let n = config.members.len();
+        let now = Instant::now();
+        let inner = Arc::new(Inner {
+            me,
+            port: listener.local_addr().map(|a| a.port()).unwrap_or(port),
+            local: ConnectionTable::new(me),
+            db: ConnectionDatabase::new(),
+            outbound: Mutex::new((0..n).map(|_| None).collect()),
+            peers: (0..n)
+                .map(|_| {
+                    Mutex::new(PeerSlot {
+                        current: None,
+                        state: PeerState::Down,
+                        since: now,
+                        connect_failures: 0,
+                        last_close: None,
+                    })
+                })
+                .collect(),
+            peer_changed: (0..n).map(|_| Notify::new()).collect(),
+            keepalive_timeouts: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            next_channel: AtomicU64::new(1),
+            messages: MessageCounters::default(),
+            observer,
+            shutdown: watch::channel(false).0,
+            active_channels: AtomicUsize::new(0),
+            idle: Notify::new(),
+            killed: false.into(),
+            config,
+        });
+        tokio::spawn(net::listen(inner.clone(), listener));
+        for peer in 0..n {
+            if peer != me.0 as usize {
+                tokio::spawn(net::dial(inner.clone(), MemberId(peer as u8)));
+            }
+        }
+        Ok(Mesh { inner })
+    }
+
+    /// This member's id (its index in the sorted member list).
+    pub fn me(&self) -> MemberId {
+        self.inner.me
+    }
+
+    /// This member's cluster address.
+    pub fn address(&self) -> IpAddr {
+        self.inner.config.address
+    }
+
+    /// The control port actually bound (useful when configured as 0).
+    pub fn port(&self) -> u16 {
+        self.inner.port
+    }
+
+    /// The address of a member.
+    pub fn member_address(&self, id: MemberId) -> Option<IpAddr> {
+        self.inner.config.members.get(id.0 as usize).map(|m| m.address)
+    }
+
+    /// The id of the member with this address.
+    pub fn member_id(&self, address: IpAddr) -> Option<MemberId> {
+        self.inner.member_id(address)
+    }
+
+    /// Every member's address, by id.
+    pub fn members(&self) -> Vec<IpAddr> {
+        self.inner.config.members.iter().map(|m| m.address).collect()
+    }
+
+    /// This member's own connections.
+    pub fn local(&self) -> &ConnectionTable {
+        &self.inner.local
+    }
+
+    /// Connections owned by peers.
+    pub fn database(&self) -> &ConnectionDatabase {
+        &self.inner.db
+    }
+
+    /// Control messages counted by type and action.
+    pub fn messages(&self) -> &MessageCounters {
+        &self.inner.messages
+    }
+
+    /// Registers a local connection and sends INSTALL_CONNECTION to every joined peer.
+    /// Returns false if it was already installed with this action (nothing is sent).
+    pub fn install(&self, connection: Connection, action: Action) -> bool {
+        let mut out = self.inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.inner.local.insert(&connection, action) {
+            return false;
+        }
+        self.inner.broadcast(&mut out, || Outgoing::Install(action, connection));
+        true
+    }
+
+    /// Unregisters a local connection and sends REMOVE_CONNECTION to every joined peer.
+    /// Returns its action, or `None` if it was not installed.
+    pub fn remove(&self, connection: &Connection) -> Option<Action> {
+        let mut out = self.inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        let action = self.inner.local.remove(connection)?;
+        let c = *connection;
+        self.inner.broadcast(&mut out, || Outgoing::Remove(action, c));
+        Some(action)
+    }
+
+    /// The state of every peer.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let inner = &self.inner;
+        (0..inner.config.members.len())
+            .filter(|&i| i != inner.me.0 as usize)
+            .map(|i| {
+                let m = &inner.config.members[i];
+                let slot = inner.peers[i].lock().unwrap_or_else(|e| e.into_inner());
+                let id = MemberId(i as u8);
+                PeerInfo {
+                    address: m.address,
+                    port: m.port,
+                    state: slot.state,
+                    role: slot.current.as_ref().map(|c| match c.role {
+                        Role::Initiator => "initiator",
+                        Role::Acceptor => "acceptor",
+                    }),
+                    since_secs: slot.since.elapsed().as_secs(),
+                    entries: inner.db.count_of(id, Action::Forward) + inner.db.count_of(id, Action::Bypass),
+                    keepalive_ms: m.session.keepalive.as_millis() as u64,
+                    dead_after: m.session.dead_after,
+                    connect_failures: slot.connect_failures,
+                    last_close: slot.last_close.clone(),
+                    keepalive_timeouts: inner.keepalive_timeouts[i].load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Leaves the cluster: PEER_LEAVE(0) on every channel, then waits (at most `grace`) for
+    /// the channels to flush and close.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutdown.send_replace(true);
+        let wait = async {
+            while self.inner.active_channels.load(Ordering::Acquire) > 0 {
+                let idle = self.inner.idle.notified();
+                if self.inner.active_channels.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, wait).await;
+    }
+
+    /// Stops at once without PEER_LEAVE, as a crash would (peers see the TCP close).
+    pub fn kill(&self) {
+        self.inner.killed.store(true, Ordering::Release);
+        self.inner.shutdown.send_replace(true);
+    }
+}
+
+impl Inner {
+    fn member_id(&self, address: IpAddr) -> Option<MemberId> {
+        self.config.members.iter().position(|m| m.address == address).map(|i| MemberId(i as u8))
+    }
+
+    fn session_config(&self, peer: Option<MemberId>) -> SessionConfig {
+        match peer {
+            Some(p) => self.config.members[p.0 as usize].session,
+            None => self.config.members[self.me.0 as usize].session,
+        }
+    }
+
+    fn addr(&self, peer: MemberId) -> IpAddr {
+        self.config.members[peer.0 as usize].address
+    }
+
+    fn slot(&self, peer: MemberId) -> std::sync::MutexGuard<'_, PeerSlot> {
+        self.peers[peer.0 as usize].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn broadcast(&self, out: &mut [Option<Link>], msg: impl Fn() -> Outgoing) {
+        for (i, link) in out.iter_mut().enumerate() {
+            let Some(l) = link else { continue };
+            if l.tx.try_send(msg()).is_err() {
+                // A stalled peer must not hold the others back: drop it; it resynchronizes
+                // the whole table when it reconnects, so nothing is lost.
+                tracing::warn!(peer = %self.addr(MemberId(i as u8)), "send queue full, disconnecting stalled peer");
+                l.close.fire(ErrorCode::STALLED);
+                *link = None;
+            }
+        }
+    }
+
+    /// Decides whether a channel that just completed its join becomes the peer's current one
+    /// (tie-break in the module docs). On success the channel is registered for updates and
+    /// the local table snapshot is queued first.
+    fn join(
+        &self,
+        peer: MemberId,
+        channel: u64,
+        role: Role,
+        tx: &mpsc::Sender<Outgoing>,
+        close: &Arc<CloseSignal>,
+    ) -> bool {
+        let lower_initiated = match role {
+            Role::Initiator => self.me < peer,
+            Role::Acceptor => peer < self.me,
+        };
+        let mut slot = self.slot(peer);
+        if let Some(cur) = &slot.current {
+            if cur.lower_initiated && !lower_initiated {
+                return false;
+            }
+            // Supersede: the peer restarted, or this channel is the preferred one.
+            cur.close.fire(ErrorCode::DUPLICATE_CHANNEL);
+            let purged = self.db.purge_owner(peer);
+            tracing::info!(peer = %self.addr(peer), purged, "control channel superseded by a new one");
+        }
+        slot.current = Some(Current { channel, lower_initiated, role, close: close.clone() });
+        slot.connect_failures = 0;
+        slot.set_state(PeerState::Synchronize);
+        drop(slot);
+        let mut out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        let table = self.local.snapshot();
+        // The queue is new and empty, so the table always fits.
+        let _ = tx.try_send(Outgoing::Table(table));
+        out[peer.0 as usize] = Some(Link { channel, tx: tx.clone(), close: close.clone() });
+        drop(out);
+        self.observer.on_event(&MeshEvent::PeerUp { peer: self.addr(peer) });
+        tracing::info!(peer = %self.addr(peer), channel, ?role, "peer joined");
+        true
+    }
+
+    /// A channel closed; if it was current, purge the peer's entries.
+    fn channel_closed(&self, peer: MemberId, channel: u64, reason: &'static str) {
+        let mut slot = self.slot(peer);
+        if slot.current.as_ref().map(|c| c.channel) != Some(channel) {
+            return;
+        }
+        slot.current = None;
+        slot.last_close = Some(reason.to_string());
+        slot.set_state(PeerState::Down);
+        let purged = self.db.purge_owner(peer);
+        drop(slot);
+        let mut out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        if out[peer.0 as usize].as_ref().map(|l| l.channel) == Some(channel) {
+            out[peer.0 as usize] = None;
+        }
+        drop(out);
+        self.peer_changed[peer.0 as usize].notify_one();
+        self.observer.on_event(&MeshEvent::PeerDown { peer: self.addr(peer), reason, purged });
+        tracing::info!(peer = %self.addr(peer), reason, purged, "peer down, entries purged");
+    }
+}

@@ -1,0 +1,196 @@
+//! What the mesh tells the outside world: counters, events for an observer, peer views.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::session::Counters;
+use crate::wire::ErrorCode;
+
+/// Counters of control messages by type and action, in and out, shared by all channels.
+#[derive(Default)]
+pub struct MessageCounters {
+    rx: [[AtomicU64; 5]; 3],
+    tx: [[AtomicU64; 5]; 3],
+}
+
+impl MessageCounters {
+    /// Adds what a session counted since `last`, then remembers `now` as `last`.
+    pub(crate) fn add_delta(&self, now: &Counters, last: &mut Counters) {
+        for t in 0..3 {
+            for a in 0..5 {
+                let (drx, dtx) = (now.rx[t][a] - last.rx[t][a], now.tx[t][a] - last.tx[t][a]);
+                if drx > 0 {
+                    self.rx[t][a].fetch_add(drx, Ordering::Relaxed);
+                }
+                if dtx > 0 {
+                    self.tx[t][a].fetch_add(dtx, Ordering::Relaxed);
+                }
+            }
+        }
+        *last = *now;
+    }
+
+    /// Every (direction, message type, action, count) with a nonzero count, with the paper's
+    /// names.
+    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+        let mut v = Vec::new();
+        for (dir, table) in [("in", &self.rx), ("out", &self.tx)] {
+            for (t, row) in table.iter().enumerate() {
+                for (a, c) in row.iter().enumerate() {
+                    let n = c.load(Ordering::Relaxed);
+                    if n > 0 {
+                        let (tn, an) = names(t, a);
+                        v.push((dir, tn, an, n));
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
+fn names(t: usize, a: usize) -> (&'static str, &'static str) {
+    match t {
+        0 | 1 => {
+            let tn = if t == 0 { "INSTALL_CONNECTION" } else { "REMOVE_CONNECTION" };
+            (tn, if a == 1 { "FORWARD" } else { "BYPASS" })
+        }
+        _ => (
+            "CLUSTER_PEER_SYNC",
+            match a {
+                1 => "PEER_JOIN",
+                2 => "PEER_KEEPALIVE",
+                3 => "PEER_LEAVE",
+                _ => "PEER_REJECT",
+            },
+        ),
+    }
+}
+
+/// Something that happened to a control channel; given to the [`MeshObserver`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum MeshEvent {
+    /// A channel with the peer became the current one (joined).
+    PeerUp {
+        /// Peer address.
+        peer: IpAddr,
+    },
+    /// The current channel with the peer closed and its entries were purged.
+    PeerDown {
+        /// Peer address.
+        peer: IpAddr,
+        /// Why (a [`crate::session::CloseReason`] name).
+        reason: &'static str,
+        /// Entries purged.
+        purged: usize,
+    },
+    /// This member's table was handed to the transport for a peer.
+    TableSent {
+        /// Peer address.
+        peer: IpAddr,
+        /// Entries sent.
+        entries: usize,
+        /// From the join to the last byte handed to the transport.
+        duration: Duration,
+    },
+    /// A PEER_REJECT was sent or received.
+    Reject {
+        /// The remote address.
+        peer: IpAddr,
+        /// The error code.
+        code: ErrorCode,
+        /// True when this member sent it.
+        sent: bool,
+    },
+    /// A peer was declared dead for silence.
+    KeepaliveTimeout {
+        /// Peer address.
+        peer: IpAddr,
+    },
+    /// A REMOVE named an entry owned by another member, or an INSTALL replaced another
+    /// member's entry.
+    OwnershipConflict {
+        /// The sender.
+        peer: IpAddr,
+        /// "remove_not_owner" or "install_replaced".
+        kind: &'static str,
+    },
+    /// A channel was refused before or at the join for a reason other than a reject
+    /// (garbage, wrong first message, timeout, too many pending joins).
+    ChannelRefused {
+        /// The remote address.
+        peer: IpAddr,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// Receives [`MeshEvent`]s synchronously from the mesh tasks; must not block.
+pub trait MeshObserver: Send + Sync + 'static {
+    /// Called once per event.
+    fn on_event(&self, event: &MeshEvent);
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+
+impl MeshObserver for NoObserver {
+    fn on_event(&self, _: &MeshEvent) {}
+}
+
+/// Peer state as shown by `GET /peers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// No channel; the dialer is waiting to retry.
+    Down,
+    /// Dialing or exchanging PEER_JOIN.
+    Connect,
+    /// Joined; tables being exchanged.
+    Synchronize,
+    /// Joined and this member's table sent.
+    Established,
+    /// The dialer used up its connect attempts; the peer may still dial in.
+    GaveUp,
+}
+
+impl PeerState {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Down => "down",
+            PeerState::Connect => "connect",
+            PeerState::Synchronize => "synchronize",
+            PeerState::Established => "established",
+            PeerState::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// One peer as shown by `GET /peers`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PeerInfo {
+    /// Peer's cluster address.
+    pub address: IpAddr,
+    /// Control port dialed.
+    pub port: u16,
+    /// Channel state.
+    pub state: PeerState,
+    /// "initiator" or "acceptor" for the current channel.
+    pub role: Option<&'static str>,
+    /// Seconds in the current state.
+    pub since_secs: u64,
+    /// Entries this member holds for the peer.
+    pub entries: usize,
+    /// Keepalive interval used with this peer, in ms.
+    pub keepalive_ms: u64,
+    /// Silent intervals before the peer is dead.
+    pub dead_after: u32,
+    /// Failed connect attempts in a row.
+    pub connect_failures: u32,
+    /// Why the last channel closed.
+    pub last_close: Option<String>,
+    /// Times the peer was declared dead for silence.
+    pub keepalive_timeouts: u64,
+}

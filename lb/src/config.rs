@@ -1,0 +1,378 @@
+//! `lb.toml`: every key, its default and its limits. Unknown keys and bad values are refused
+//! with a message naming the key. docs/configuration.md documents the same.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use cluster_proto::mesh::{MemberConfig, MeshConfig, Retries};
+use cluster_proto::session::SessionConfig;
+use cluster_proto::wire::VERSION_1;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// Default control-channel port.
+pub const DEFAULT_PORT: u16 = 7400;
+/// Default admin HTTP listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9741";
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[node]`
+    pub node: Node,
+    /// `[cluster]`
+    pub cluster: Cluster,
+    /// `[admin]`
+    #[serde(default)]
+    pub admin: Admin,
+}
+
+/// `[node]`: this member.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Cluster address: the control channel listens and dials from it.
+    pub address: IpAddr,
+}
+
+/// `[cluster]`: the membership list and channel settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Control-channel port, the same on every member unless overridden per member.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Protocol version; 1 is the paper's format.
+    #[serde(default = "default_version")]
+    pub version: u8,
+    /// PEER_KEEPALIVE interval in milliseconds.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_ms: u64,
+    /// Silent intervals after which a peer is dead.
+    #[serde(default = "default_dead_after")]
+    pub dead_after: u32,
+    /// Connect attempts per peer: "infinite" or a count.
+    #[serde(default)]
+    pub connect_retries: RetriesSetting,
+    /// Messages queued to one peer before it is declared stalled and resynchronized.
+    #[serde(default = "default_send_queue")]
+    pub send_queue: usize,
+    /// Accepted channels that have not sent PEER_JOIN yet, at most.
+    #[serde(default = "default_pending_joins")]
+    pub max_pending_joins: usize,
+    /// Every member's cluster address, this one included.
+    pub members: Vec<IpAddr>,
+    /// Per-member overrides, keyed by address: `[cluster.member."192.0.2.2"]`.
+    #[serde(default)]
+    pub member: BTreeMap<String, MemberOverride>,
+}
+
+/// `[cluster.member."ADDRESS"]`: settings for one member.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberOverride {
+    /// Its control port.
+    pub port: Option<u16>,
+    /// Keepalive interval with it.
+    pub keepalive_ms: Option<u64>,
+    /// Silent intervals before it is dead.
+    pub dead_after: Option<u32>,
+    /// Connect attempts towards it.
+    pub connect_retries: Option<RetriesSetting>,
+}
+
+/// `[admin]`: the HTTP admin API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Listen address of the admin API (metrics, peers, flows, connections).
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: default_admin() }
+    }
+}
+
+/// "infinite" or a number of attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetriesSetting(pub Retries);
+
+impl Default for RetriesSetting {
+    fn default() -> Self {
+        RetriesSetting(Retries::Infinite)
+    }
+}
+
+impl<'de> Deserialize<'de> for RetriesSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RetriesSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"infinite\" or a count of at least 1")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                match u32::try_from(v) {
+                    Ok(n) if n >= 1 => Ok(RetriesSetting(Retries::Count(n))),
+                    _ => Err(E::custom(format!("{v} is not a valid count: use \"infinite\" or a count of at least 1"))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                if v == "infinite" {
+                    Ok(RetriesSetting(Retries::Infinite))
+                } else {
+                    Err(E::custom(format!("{v:?} is not valid: use \"infinite\" or a count of at least 1")))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+fn default_version() -> u8 {
+    VERSION_1
+}
+fn default_keepalive() -> u64 {
+    1000
+}
+fn default_dead_after() -> u32 {
+    3
+}
+fn default_send_queue() -> usize {
+    1 << 16
+}
+fn default_pending_joins() -> usize {
+    64
+}
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN.parse().expect("valid default")
+}
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value out of range or inconsistent with another.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, dotted (`cluster.keepalive_ms`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+fn check_keepalive(key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    if !(100..=3_600_000).contains(&ms) {
+        return Err(invalid(key, format!("must be between 100 and 3600000 milliseconds, got {ms}")));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn check_dead_after(key: &str, n: u32) -> Result<u32, ConfigError> {
+    if !(1..=100).contains(&n) {
+        return Err(invalid(key, format!("must be between 1 and 100 intervals, got {n}")));
+    }
+    Ok(n)
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        c.mesh()?;
+        Ok(c)
+    }
+
+    /// The mesh driver's configuration.
+    pub fn mesh(&self) -> Result<MeshConfig, ConfigError> {
+        let c = &self.cluster;
+        if c.version != VERSION_1 {
+            return Err(invalid(
+                "cluster.version",
+                format!("version {} is not supported; this build speaks version 1 (the paper's format)", c.version),
+            ));
+        }
+        if c.port == 0 {
+            return Err(invalid("cluster.port", "must be between 1 and 65535"));
+        }
+        let keepalive = check_keepalive("cluster.keepalive_ms", c.keepalive_ms)?;
+        let dead_after = check_dead_after("cluster.dead_after", c.dead_after)?;
+        if c.send_queue < 16 {
+            return Err(invalid("cluster.send_queue", format!("must be at least 16 messages, got {}", c.send_queue)));
+        }
+        if c.max_pending_joins == 0 {
+            return Err(invalid("cluster.max_pending_joins", "must be at least 1"));
+        }
+        if c.members.is_empty() {
+            return Err(invalid("cluster.members", "must list at least this member"));
+        }
+        if c.members.len() > cluster_proto::database::MAX_MEMBERS {
+            return Err(invalid(
+                "cluster.members",
+                format!("at most {} members", cluster_proto::database::MAX_MEMBERS),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &c.members {
+            if !seen.insert(*m) {
+                return Err(invalid("cluster.members", format!("{m} is listed twice")));
+            }
+        }
+        if !c.members.contains(&self.node.address) {
+            return Err(invalid(
+                "cluster.members",
+                format!("must include this member's node.address {}", self.node.address),
+            ));
+        }
+        let mut overrides = BTreeMap::new();
+        for (k, o) in &c.member {
+            let key = format!("cluster.member.\"{k}\"");
+            let addr: IpAddr = k.parse().map_err(|_| invalid(&key, "is not an IP address"))?;
+            if !c.members.contains(&addr) {
+                return Err(invalid(&key, "is not in cluster.members"));
+            }
+            overrides.insert(addr, (key, o));
+        }
+        let mut members = Vec::new();
+        for &address in &c.members {
+            let (mut port, mut ka, mut dead, mut retries) = (c.port, keepalive, dead_after, c.connect_retries.0);
+            if let Some((key, o)) = overrides.get(&address) {
+                if let Some(p) = o.port {
+                    if p == 0 {
+                        return Err(invalid(format!("{key}.port"), "must be between 1 and 65535"));
+                    }
+                    port = p;
+                }
+                if let Some(ms) = o.keepalive_ms {
+                    ka = check_keepalive(&format!("{key}.keepalive_ms"), ms)?;
+                }
+                if let Some(n) = o.dead_after {
+                    dead = check_dead_after(&format!("{key}.dead_after"), n)?;
+                }
+                if let Some(r) = o.connect_retries {
+                    retries = r.0;
+                }
+            }
+            members.push(MemberConfig {
+                address,
+                port,
+                session: SessionConfig { version: c.version, keepalive: ka, dead_after: dead },
+                connect_retries: retries,
+            });
+        }
+        Ok(MeshConfig {
+            address: self.node.address,
+            members,
+            send_queue: c.send_queue,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2).max(keepalive),
+            max_pending_joins: c.max_pending_joins,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+address = "192.0.2.1"
+
+[cluster]
+port = 7400
+version = 1
+keepalive_ms = 500
+dead_after = 3
+connect_retries = "infinite"
+members = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+
+[cluster.member."192.0.2.3"]
+keepalive_ms = 200
+dead_after = 5
+connect_retries = 10
+
+[admin]
+listen = "127.0.0.1:9741"
+"#;
+
+    #[test]
+    fn good_file_with_overrides() {
+        let c = Config::parse(GOOD).unwrap();
+        let m = c.mesh().unwrap();
+        assert_eq!(m.members.len(), 3);
+        let third = &m.members[2];
+        assert_eq!(third.session.keepalive, Duration::from_millis(200));
+        assert_eq!(third.session.dead_after, 5);
+        assert_eq!(third.connect_retries, Retries::Count(10));
+        assert_eq!(m.members[1].session.keepalive, Duration::from_millis(500));
+        assert_eq!(m.members[1].connect_retries, Retries::Infinite);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_file_uses_defaults() {
+        let c = Config::parse("[node]\naddress = \"192.0.2.1\"\n[cluster]\nmembers = [\"192.0.2.1\"]\n").unwrap();
+        assert_eq!(c.cluster.port, DEFAULT_PORT);
+        assert_eq!(c.cluster.keepalive_ms, 1000);
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN.parse().unwrap());
+    }
+
+    #[test]
+    fn bad_files_name_the_key() {
+        let cases = [
+            (GOOD.replace("dead_after = 3", "dead_after = 3\nbogus = 1"), "bogus"),
+            (GOOD.replace("keepalive_ms = 500", "keepalive_ms = 5"), "cluster.keepalive_ms"),
+            (GOOD.replace("version = 1", "version = 2"), "cluster.version"),
+            (GOOD.replace("connect_retries = \"infinite\"", "connect_retries = \"forever\""), "connect_retries"),
+            (GOOD.replace("connect_retries = 10", "connect_retries = 0"), "connect_retries"),
+            (GOOD.replace("dead_after = 5", "dead_after = 0"), "cluster.member.\"192.0.2.3\".dead_after"),
+            (
+                GOOD.replace("[cluster.member.\"192.0.2.3\"]", "[cluster.member.\"192.0.2.9\"]"),
+                "is not in cluster.members",
+            ),
+            (GOOD.replace("address = \"192.0.2.1\"", "address = \"192.0.2.7\""), "cluster.members"),
+            (GOOD.replace("address = \"192.0.2.1\"", "address = \"not-an-ip\""), "address"),
+            (GOOD.replace("listen = \"127.0.0.1:9741\"", "listen = \"nowhere\""), "listen"),
+            (GOOD.replace("\"192.0.2.2\", \"192.0.2.3\"", "\"192.0.2.2\", \"192.0.2.2\""), "listed twice"),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.contains(want), "error {e:?} should mention {want:?}");
+        }
+    }
+}

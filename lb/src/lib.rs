@@ -1,0 +1,8 @@
+//! The `lb` daemon's pieces: configuration, admin API, metrics, demo and CLI client.
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod metrics;

@@ -1,0 +1,228 @@
+//! `lb`: the clustered connection-handoff load balancer.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use lb::admin::{FlowsView, PeersView};
+use lb::client;
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "Clustered connection-handoff load balancer for transparent proxy farms")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a cluster member.
+    Run {
+        /// The configuration file (TOML; see docs/configuration.md).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and print the members it defines.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// A 3-member cluster on loopback in one process: no root, no configuration.
+    Demo {
+        /// Connections each member installs.
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        /// Keep the surviving members and their admin APIs up until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Show the whole cluster's connections as one member knows them.
+    Flows {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Only connections owned by this member address.
+        #[arg(long)]
+        member: Option<std::net::IpAddr>,
+        /// Only connections with this address at either end.
+        #[arg(long)]
+        addr: Option<std::net::IpAddr>,
+        /// Only tcp or udp.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// At most this many (0 for all).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the member's peers and their control-channel states.
+    Peers {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register a connection this member's proxy handles (sends INSTALL_CONNECTION).
+    Install {
+        #[command(flatten)]
+        admin: AdminArg,
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// forward or bypass.
+        #[arg(long, default_value = "forward")]
+        action: String,
+    },
+    /// Unregister a connection (sends REMOVE_CONNECTION).
+    Remove {
+        #[command(flatten)]
+        admin: AdminArg,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArg {
+    /// The member's admin API address.
+    #[arg(long, default_value = lb::config::DEFAULT_ADMIN)]
+    admin: SocketAddr,
+}
+
+#[derive(clap::Args)]
+struct ConnArgs {
+    /// tcp or udp.
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
+    /// Source endpoint, e.g. 192.0.2.1:40000 or [2001:db8::1]:40000.
+    #[arg(long)]
+    src: SocketAddr,
+    /// Destination endpoint.
+    #[arg(long)]
+    dst: SocketAddr,
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("lb: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            init_logs();
+            runtime()?.block_on(lb::daemon::run(&config))
+        }
+        Command::CheckConfig { config } => {
+            let c = lb::config::Config::load(&config)?;
+            let m = c.mesh()?;
+            println!("{}: ok, member {} of {}", config.display(), c.node.address, m.members.len());
+            for p in &m.members {
+                println!(
+                    "  {}:{} keepalive {} ms, dead after {}, connect retries {:?}",
+                    p.address,
+                    p.port,
+                    p.session.keepalive.as_millis(),
+                    p.session.dead_after,
+                    p.connect_retries
+                );
+            }
+            Ok(())
+        }
+        Command::Demo { connections, keep_running } => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_logs();
+            }
+            runtime()?.block_on(lb::demo::run(lb::demo::DemoOptions { connections, keep_running }))
+        }
+        Command::Flows { admin, member, addr, protocol, limit, json } => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(m) = member {
+                q.push(format!("member={m}"));
+            }
+            if let Some(a) = addr {
+                q.push(format!("addr={a}"));
+            }
+            if let Some(p) = protocol {
+                q.push(format!("protocol={p}"));
+            }
+            let v: FlowsView = client::get_json(admin.admin, &format!("/flows?{}", q.join("&")))?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "{:<5} {:<45} {:<45} {:<8} {:<16} {:>6}",
+                "PROTO", "SOURCE", "DESTINATION", "ACTION", "OWNER", "AGE"
+            );
+            for f in &v.flows {
+                let owner = if f.local { format!("{} (local)", f.owner) } else { f.owner.to_string() };
+                println!(
+                    "{:<5} {:<45} {:<45} {:<8} {:<16} {:>5}s",
+                    f.protocol, f.src, f.dst, f.action, owner, f.age_secs
+                );
+            }
+            println!("{} of {} flows known to {}", v.flows.len(), v.total, v.member);
+            Ok(())
+        }
+        Command::Peers { admin, json } => {
+            let v: PeersView = client::get_json(admin.admin, "/peers")?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{:<40} {:<12} {:<10} {:>9} {:>9} LAST CLOSE", "PEER", "STATE", "ROLE", "ENTRIES", "SINCE");
+            for p in &v.peers {
+                let s = |k: &str| {
+                    p.get(k)
+                        .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                        .unwrap_or_default()
+                };
+                println!(
+                    "{:<40} {:<12} {:<10} {:>9} {:>8}s {}",
+                    s("address"),
+                    s("state"),
+                    s("role").replace("null", "-"),
+                    s("entries"),
+                    s("since_secs"),
+                    s("last_close").replace("null", "-")
+                );
+            }
+            Ok(())
+        }
+        Command::Install { admin, conn, action } => send_connection(admin.admin, "POST", &conn, Some(&action)),
+        Command::Remove { admin, conn } => send_connection(admin.admin, "DELETE", &conn, None),
+    }
+}
+
+fn send_connection(admin: SocketAddr, method: &str, c: &ConnArgs, action: Option<&str>) -> anyhow::Result<()> {
+    let mut body = serde_json::json!({ "protocol": c.protocol, "src": c.src, "dst": c.dst });
+    if let Some(a) = action {
+        body["action"] = a.into();
+    }
+    let (status, text) = client::request(admin, method, "/connections", Some(&body.to_string()))?;
+    if !(200..300).contains(&status) {
+        bail!("HTTP {status}: {text}");
+    }
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Prometheus metrics of one member: counters fed by the mesh's events, and gauges read from
+//! the mesh at scrape time.
+
+use std::sync::Arc;
+
+use cluster_proto::mesh::{Mesh, MeshEvent, MeshObserver, PeerState};
+use cluster_proto::Action;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The member's metrics; also the mesh's observer.
+pub struct Metrics {
+    registry: Registry,
+    peers: IntGaugeVec,
+    peer_up: IntGaugeVec,
+    entries: IntGaugeVec,
+    messages: IntGaugeVec,
+    rejects: IntCounterVec,
+    keepalive_timeouts: IntCounterVec,
+    peer_down: IntCounterVec,
+    conflicts: IntCounterVec,
+    refused: IntCounterVec,
+    table_sync: Histogram,
+    database_bytes: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    r.expect("metric definitions are static and valid")
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let gv = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let cv = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let peers = gv("lb_peers", "Peers by control-channel state.", &["state"]);
+        let peer_up = gv("lb_peer_up", "1 when the peer's control channel is established.", &["peer"]);
+        let entries = gv("lb_entries", "Connection entries by owning member and action.", &["owner", "action"]);
+        // Exported as gauges that only grow, read from the mesh's atomic counters at scrape
+        // time; named *_total by the counter convention.
+        let messages = gv(
+            "lb_control_messages_total",
+            "Control messages by direction, message type and action.",
+            &["direction", "type", "action"],
+        );
+        let rejects = cv("lb_rejects_total", "PEER_REJECTs sent or received, by reason.", &["direction", "reason"]);
+        let keepalive_timeouts =
+            cv("lb_keepalive_timeouts_total", "Peers declared dead after missing keepalives.", &["peer"]);
+        let peer_down = cv("lb_peer_down_total", "Peer channels lost, by reason.", &["peer", "reason"]);
+        let conflicts = cv(
+            "lb_ownership_conflicts_total",
+            "INSTALLs that replaced another member's entry, REMOVEs by a non-owner (ignored).",
+            &["kind"],
+        );
+        let refused = cv("lb_channels_refused_total", "Channels closed before a join, by reason.", &["reason"]);
+        let table_sync = must(Histogram::with_opts(
+            HistogramOpts::new("lb_table_sync_seconds", "Time to hand this member's table to a joining peer.")
+                .buckets(vec![0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        ));
+        must(registry.register(Box::new(table_sync.clone())));
+        let database_bytes = must(IntGauge::new("lb_database_bytes", "Memory held by the connection tables."));
+        must(registry.register(Box::new(database_bytes.clone())));
+        Arc::new(Metrics {
+            registry,
+            peers,
+            peer_up,
+            entries,
+            messages,
+            rejects,
+            keepalive_timeouts,
+            peer_down,
+            conflicts,
+            refused,
+            table_sync,
+            database_bytes,
+        })
+    }
+
+    /// Reads the mesh's current state into the gauges and renders the text format.
+    pub fn render(&self, mesh: &Mesh) -> String {
+        let peers = mesh.peers();
+        for s in
+            [PeerState::Down, PeerState::Connect, PeerState::Synchronize, PeerState::Established, PeerState::GaveUp]
+        {
+            self.peers.with_label_values(&[s.as_str()]).set(peers.iter().filter(|p| p.state == s).count() as i64);
+        }
+        for p in &peers {
+            self.peer_up.with_label_values(&[&p.address.to_string()]).set((p.state == PeerState::Established) as i64);
+        }
+        let db = mesh.database();
+        for (i, addr) in mesh.members().iter().enumerate() {
+            let id = cluster_proto::MemberId(i as u8);
+            for action in [Action::Forward, Action::Bypass] {
+                let n = if id == mesh.me() { mesh.local().count_of(action) } else { db.count_of(id, action) };
+                self.entries.with_label_values(&[&addr.to_string(), action.as_str()]).set(n as i64);
+            }
+        }
+        for (dir, t, a, n) in mesh.messages().snapshot() {
+            self.messages.with_label_values(&[dir, t, a]).set(n as i64);
+        }
+        self.database_bytes.set((db.memory_bytes() + mesh.local().memory_bytes()) as i64);
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl MeshObserver for Metrics {
+    fn on_event(&self, e: &MeshEvent) {
+        match e {
+            MeshEvent::PeerUp { .. } => {}
+            MeshEvent::PeerDown { peer, reason, .. } => {
+                self.peer_down.with_label_values(&[peer.to_string().as_str(), reason]).inc()
+            }
+            MeshEvent::TableSent { duration, .. } => self.table_sync.observe(duration.as_secs_f64()),
+            MeshEvent::Reject { code, sent, .. } => {
+                self.rejects.with_label_values(&[if *sent { "sent" } else { "received" }, code.name()]).inc()
+            }
+            MeshEvent::KeepaliveTimeout { peer } => {
+                self.keepalive_timeouts.with_label_values(&[&peer.to_string()]).inc()
+            }
+            MeshEvent::OwnershipConflict { kind, .. } => self.conflicts.with_label_values(&[kind]).inc(),
+            MeshEvent::ChannelRefused { reason, .. } => self.refused.with_label_values(&[reason]).inc(),
+        }
+    }
+}
