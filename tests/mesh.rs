@@ -1,1 +1,227 @@
+//! System tests of the real mesh driver on loopback: several members in one process, real
+//! TCP control channels on 127.0.0.x.
 
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_proto::mesh::{Mesh, MeshConfig, NoObserver, PeerState, Retries};
+use cluster_proto::session::SessionConfig;
+use cluster_proto::{Action, Connection, Protocol};
+use common::*;
+
+fn session(keepalive_ms: u64) -> SessionConfig {
+    SessionConfig { version: 1, keepalive: Duration::from_millis(keepalive_ms), dead_after: 3 }
+}
+
+async fn start(me: IpAddr, port: u16, members: &[IpAddr]) -> Mesh {
+    start_with(me, port, members, 100).await
+}
+
+async fn start_with(me: IpAddr, port: u16, members: &[IpAddr], keepalive_ms: u64) -> Mesh {
+    Mesh::start(MeshConfig::uniform(me, port, members, session(keepalive_ms), Retries::Infinite), Arc::new(NoObserver))
+        .await
+        .expect("mesh starts")
+}
+
+fn conn(owner: usize, i: usize) -> Connection {
+    let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, owner as u8)), 1024 + (i % 60_000) as u16);
+    let dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, (i / 60_000) as u8)), 80);
+    Connection::new(Protocol::Tcp, src, dst).unwrap()
+}
+
+fn view(m: &Mesh) -> u64 {
+    m.local().digest().wrapping_add(m.database().digest())
+}
+
+fn converged(ms: &[Mesh], per_member: usize) -> bool {
+    let n = ms.len();
+    ms.iter().all(|m| m.database().len() == (n - 1) * per_member) && ms.iter().all(|m| view(m) == view(&ms[0]))
+}
+
+fn all_established(ms: &[Mesh]) -> bool {
+    ms.iter().all(|m| m.peers().iter().all(|p| p.state == PeerState::Established))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_join_and_sync_tables() {
+    let port = free_port();
+    let addrs = [lo(1), lo(2), lo(3)];
+    let mut ms = Vec::new();
+    for &a in &addrs {
+        let m = start(a, port, &addrs).await;
+        // Installed before the peers are joined: must arrive by the table sync.
+        for i in 0..100 {
+            m.install(conn(ms.len() + 1, i), if i % 4 == 0 { Action::Bypass } else { Action::Forward });
+        }
+        ms.push(m);
+    }
+    wait_until_async("3-member convergence", Duration::from_secs(10), || converged(&ms, 100)).await;
+    wait_until_async("all channels established", Duration::from_secs(5), || all_established(&ms)).await;
+    // One channel per pair: both ends agree on who dialed it.
+    for m in &ms {
+        for p in m.peers() {
+            let other = ms.iter().find(|o| o.address() == p.address).unwrap();
+            let back = other.peers().into_iter().find(|q| q.address == m.address()).unwrap();
+            let pair = (p.role, back.role);
+            assert!(
+                pair == (Some("initiator"), Some("acceptor")) || pair == (Some("acceptor"), Some("initiator")),
+                "{} and {} disagree on their channel: {pair:?}",
+                m.address(),
+                p.address
+            );
+        }
+    }
+    // Live updates after the sync.
+    ms[1].remove(&conn(2, 0));
+    ms[2].install(conn(3, 500), Action::Forward);
+    wait_until_async("updates", Duration::from_secs(5), || {
+        ms[0].database().lookup(&conn(2, 0)).is_none() && ms[0].database().lookup(&conn(3, 500).reversed()).is_some()
+    })
+    .await;
+    for m in &ms {
+        m.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_gets_the_full_table_and_leave_purges_at_once() {
+    let port = free_port();
+    let addrs = [lo(1), lo(2), lo(3)];
+    let a = start(addrs[0], port, &addrs).await;
+    let b = start(addrs[1], port, &addrs).await;
+    for i in 0..1000 {
+        a.install(conn(1, i), Action::Forward);
+        b.install(conn(2, i), Action::Bypass);
+    }
+    wait_until_async("a and b synced", Duration::from_secs(5), || {
+        a.database().len() == 1000 && b.database().len() == 1000
+    })
+    .await;
+    let c = start(addrs[2], port, &addrs).await;
+    wait_until_async("late joiner has everything", Duration::from_secs(10), || c.database().len() == 2000).await;
+    assert_eq!(c.database().count_of(a.me(), Action::Forward), 1000);
+    assert_eq!(c.database().count_of(b.me(), Action::Bypass), 1000);
+
+    b.shutdown(Duration::from_secs(1)).await; // PEER_LEAVE(0)
+    wait_until_async("b purged", Duration::from_secs(2), || a.database().is_empty() && c.database().len() == 1000)
+        .await;
+    let pa = a.peers().into_iter().find(|p| p.address == addrs[1]).unwrap();
+    assert_eq!(pa.last_close.as_deref(), Some("peer_left"));
+    a.shutdown(Duration::from_secs(1)).await;
+    c.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_member_is_purged_and_its_restart_resyncs() {
+    let port = free_port();
+    let addrs = [lo(1), lo(2)];
+    let a = start(addrs[0], port, &addrs).await;
+    let b = start(addrs[1], port, &addrs).await;
+    for i in 0..500 {
+        b.install(conn(2, i), Action::Forward);
+    }
+    wait_until_async("sync", Duration::from_secs(5), || a.database().len() == 500).await;
+    b.kill();
+    wait_until_async("purge after crash", Duration::from_secs(5), || a.database().is_empty()).await;
+    // Restart with a different table: the old one must not come back.
+    let b = start(addrs[1], port, &addrs).await;
+    for i in 1000..1300 {
+        b.install(conn(2, i), Action::Forward);
+    }
+    wait_until_async("resync after restart", Duration::from_secs(10), || {
+        a.database().len() == 300 && a.database().lookup(&conn(2, 1000)).is_some()
+    })
+    .await;
+    a.shutdown(Duration::from_secs(1)).await;
+    b.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_version_mismatch_and_garbage_are_refused_member_unharmed() {
+    let port = free_port();
+    let addrs = [lo(1), lo(2)];
+    let a = start(addrs[0], port, &addrs).await;
+    let to = SocketAddr::new(addrs[0], port);
+    a.install(conn(1, 1), Action::Forward);
+
+    // Not a member: PEER_REJECT(1), then the listener closes.
+    let mut p = RawPeer::connect(lo(9), to);
+    p.send(&[3, 1, 1, 0]);
+    assert_eq!(p.read(4), [3, 4, 1, 0]);
+    assert!(p.closed());
+
+    // A member speaking another version: PEER_REJECT(2).
+    let mut p = RawPeer::connect(addrs[1], to);
+    p.send(&[3, 1, 2, 0]);
+    assert_eq!(p.read(4), [3, 4, 2, 0]);
+    assert!(p.closed());
+
+    // Garbage, or a first message that is not PEER_JOIN: closed without a word.
+    for first in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[3, 2, 0, 0], &[1, 1, 6, 1, 0, 1, 0, 2, 192, 0, 2, 1, 192, 0, 2, 2]]
+    {
+        let mut p = RawPeer::connect(addrs[1], to);
+        p.send(first);
+        assert!(p.closed(), "first bytes {first:?}");
+    }
+
+    // The member is unharmed: a proper join from member 127.0.0.2 works and gets the table.
+    let mut p = RawPeer::connect(addrs[1], to);
+    p.send(&[3, 1, 1, 0]);
+    assert_eq!(p.read(4), [3, 1, 1, 0], "PEER_JOIN back");
+    let install = p.read(16);
+    assert_eq!(&install[..4], &[1, 1, 6, 1], "INSTALL FORWARD TCP IPv4");
+    assert_eq!(&install[8..12], &[192, 0, 2, 1]);
+    // An INSTALL from the peer lands in the database with the peer as owner.
+    p.send(&[1, 2, 17, 1, 0, 53, 0, 53, 203, 0, 113, 5, 198, 51, 100, 5]);
+    let c =
+        Connection::new(Protocol::Udp, "203.0.113.5:53".parse().unwrap(), "198.51.100.5:53".parse().unwrap()).unwrap();
+    wait_until_async("raw install", Duration::from_secs(5), || a.database().lookup(&c).is_some()).await;
+    assert_eq!(a.database().owner_of(&c), Some((a.member_id(addrs[1]).unwrap(), Action::Bypass)));
+    // A bad message: PEER_LEAVE(3) and the peer's entries are gone.
+    p.send(&[7, 7, 7, 7]);
+    assert_eq!(p.read_sync_message(), [3, 3, 3, 0]);
+    assert!(p.closed());
+    wait_until_async("purge after bad message", Duration::from_secs(5), || a.database().is_empty()).await;
+    a.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_members_with_20k_connections_each_converge() {
+    const N: usize = 20;
+    const PER: usize = 20_000;
+    let port = free_port();
+    let addrs: Vec<IpAddr> = (1..=N as u8).map(lo).collect();
+    let mut ms = Vec::new();
+    // Twenty members share two cores here, so give them the default-like 1 s keepalive.
+    for &a in &addrs {
+        ms.push(start_with(a, port, &addrs, 1000).await);
+    }
+    wait_until_async("20-member full mesh", Duration::from_secs(30), || all_established(&ms)).await;
+    for (k, m) in ms.iter().enumerate() {
+        for i in 0..PER {
+            m.install(conn(k + 1, i), if i % 10 == 0 { Action::Bypass } else { Action::Forward });
+            if i % 1000 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    // Nothing flapped: every channel stayed up through the load.
+    assert!(all_established(&ms), "a channel went down under load");
+    wait_until_async("20 x 20k convergence", Duration::from_secs(120), || converged(&ms, PER)).await;
+    for m in &ms {
+        for p in m.peers() {
+            assert_eq!(p.last_close, None, "{} lost its channel to {} during the run", m.address(), p.address);
+        }
+    }
+    let digest = view(&ms[0]);
+    for m in &ms {
+        assert_eq!(m.database().len() + m.local().len(), N * PER);
+        assert_eq!(view(m), digest, "{} has a different view", m.address());
+    }
+    for m in &ms {
+        m.shutdown(Duration::from_secs(2)).await;
+    }
+}

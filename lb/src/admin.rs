@@ -181,21 +181,21 @@ pub struct ConnectionRequest {
     pub action: Option<String>,
 }
 
-fn parse_request(body: &Bytes) -> Result<(Connection, Action), Response> {
-    let r: ConnectionRequest =
-        serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad body: {e}")))?;
-    let protocol: Protocol = r.protocol.parse().map_err(|e: String| error(StatusCode::BAD_REQUEST, e))?;
+/// Parses a connection request; the error is the message for a 400 answer.
+fn parse_request(body: &Bytes) -> Result<(Connection, Action), String> {
+    let r: ConnectionRequest = serde_json::from_slice(body).map_err(|e| format!("bad body: {e}"))?;
+    let protocol: Protocol = r.protocol.parse()?;
     let action: Action = match r.action.as_deref() {
         None => Action::Forward,
-        Some(a) => a.parse().map_err(|e: String| error(StatusCode::BAD_REQUEST, e))?,
+        Some(a) => a.parse()?,
     };
-    let c = Connection::new(protocol, r.src, r.dst).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let c = Connection::new(protocol, r.src, r.dst).map_err(|e| e.to_string())?;
     Ok((c, action))
 }
 
 async fn install(State(s): State<AdminState>, body: Bytes) -> Response {
     match parse_request(&body) {
-        Err(r) => r,
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
         Ok((c, action)) => {
             let new = s.mesh.install(c, action);
             let status = if new { StatusCode::CREATED } else { StatusCode::OK };
@@ -210,7 +210,7 @@ async fn install(State(s): State<AdminState>, body: Bytes) -> Response {
 
 async fn remove(State(s): State<AdminState>, body: Bytes) -> Response {
     match parse_request(&body) {
-        Err(r) => r,
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
         Ok((c, _)) => match s.mesh.remove(&c) {
             Some(a) => Json(serde_json::json!({ "removed": true, "connection": c.to_string(), "action": a.as_str() }))
                 .into_response(),

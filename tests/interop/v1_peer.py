@@ -211,10 +211,13 @@ class Peer:
                     raise ProtocolError(f"closed mid-message: {bytes(self.reader.buf).hex(' ')}")
                 return None
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no message within {timeout}s")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(remaining)
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise TimeoutError(f"no message from the daemon within {timeout}s") from None
             self.eof = not data
             self.reader.feed(data)
         return msg

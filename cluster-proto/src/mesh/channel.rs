@@ -242,7 +242,20 @@ pub(super) async fn run(
                     next = if n < BATCH { rx.try_recv().ok() } else { None };
                 }
             }
-            _ = tokio::time::sleep_until(deadline.into()) => s.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                // A starved task may wake to its dead timer with the peer's bytes already
+                // waiting in the socket: read them first, so a busy member does not declare
+                // a live peer dead.
+                loop {
+                    match stream.try_read(&mut buf) {
+                        Ok(0) => { s.transport_closed(); break; }
+                        Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => { s.transport_closed(); break; }
+                    }
+                }
+                s.handle_timeout(Instant::now());
+            }
         }
     }
 
