@@ -456,6 +456,20 @@ mod tests {
     }
 
     #[test]
+    fn a_million_ipv4_entries_fit_in_32_bytes_each() {
+        // The paper's figure (section 3): about 32 bytes per IPv4 connection state.
+        let db = ConnectionDatabase::new();
+        for i in 0..1_000_000u32 {
+            let src = SocketAddr::new(Ipv4Addr::from(0xC612_0000 | (i >> 12)).into(), 1024 + (i & 0xfff) as u16);
+            let conn = Connection::new(Protocol::Tcp, src, "203.0.113.1:443".parse().unwrap()).unwrap();
+            db.install(&conn, MemberId((i % 20) as u8), Action::Forward);
+        }
+        assert_eq!(db.len(), 1_000_000);
+        let per_entry = db.memory_bytes() as f64 / db.len() as f64;
+        assert!(per_entry <= 32.0, "{per_entry:.1} bytes per entry");
+    }
+
+    #[test]
     fn local_table() {
         let t = ConnectionTable::new(MemberId(0));
         let a = c(Protocol::Tcp, "192.0.2.1:1", "192.0.2.2:2");
