@@ -200,6 +200,9 @@ async fn twenty_members_with_20k_connections_each_converge() {
         ms.push(start_with(a, port, &addrs, 1000).await);
     }
     wait_until_async("20-member full mesh", Duration::from_secs(30), || all_established(&ms)).await;
+    // Simultaneous dials at start-up may replace a channel once (the duplicate-channel
+    // tie-break); from here on, no channel may drop.
+    let lost_at_start: Vec<Vec<u64>> = ms.iter().map(|m| m.peers().iter().map(|p| p.channels_lost).collect()).collect();
     for (k, m) in ms.iter().enumerate() {
         for i in 0..PER {
             m.install(conn(k + 1, i), if i % 10 == 0 { Action::Bypass } else { Action::Forward });
@@ -211,9 +214,16 @@ async fn twenty_members_with_20k_connections_each_converge() {
     // Nothing flapped: every channel stayed up through the load.
     assert!(all_established(&ms), "a channel went down under load");
     wait_until_async("20 x 20k convergence", Duration::from_secs(120), || converged(&ms, PER)).await;
-    for m in &ms {
-        for p in m.peers() {
-            assert_eq!(p.last_close, None, "{} lost its channel to {} during the run", m.address(), p.address);
+    for (m, before) in ms.iter().zip(&lost_at_start) {
+        for (p, b) in m.peers().iter().zip(before) {
+            assert_eq!(
+                p.channels_lost,
+                *b,
+                "{} lost its channel to {} during the run: {:?}",
+                m.address(),
+                p.address,
+                p.last_close
+            );
         }
     }
     let digest = view(&ms[0]);

@@ -161,7 +161,7 @@ fn default_admin() -> SocketAddr {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// File.
         path: String,
@@ -193,8 +193,9 @@ fn check_keepalive(key: &str, ms: u64) -> Result<Duration, ConfigError> {
 }
 
 fn check_dead_after(key: &str, n: u32) -> Result<u32, ConfigError> {
-    if !(1..=100).contains(&n) {
-        return Err(invalid(key, format!("must be between 1 and 100 intervals, got {n}")));
+    // One interval would race every keepalive against the dead timer.
+    if !(2..=100).contains(&n) {
+        return Err(invalid(key, format!("must be between 2 and 100 intervals, got {n}")));
     }
     Ok(n)
 }
@@ -228,8 +229,8 @@ impl Config {
         }
         let keepalive = check_keepalive("cluster.keepalive_ms", c.keepalive_ms)?;
         let dead_after = check_dead_after("cluster.dead_after", c.dead_after)?;
-        if c.send_queue < 16 {
-            return Err(invalid("cluster.send_queue", format!("must be at least 16 messages, got {}", c.send_queue)));
+        if c.send_queue < 1024 {
+            return Err(invalid("cluster.send_queue", format!("must be at least 1024 messages, got {}", c.send_queue)));
         }
         if c.max_pending_joins == 0 {
             return Err(invalid("cluster.max_pending_joins", "must be at least 1"));
@@ -249,6 +250,12 @@ impl Config {
                 return Err(invalid("cluster.members", format!("{m} is listed twice")));
             }
         }
+        if let Some(m) = c.members.iter().find(|m| m.is_ipv4() != self.node.address.is_ipv4()) {
+            return Err(invalid(
+                "cluster.members",
+                format!("{m} is not of the same address family as node.address {}", self.node.address),
+            ));
+        }
         if !c.members.contains(&self.node.address) {
             return Err(invalid(
                 "cluster.members",
@@ -262,7 +269,12 @@ impl Config {
             if !c.members.contains(&addr) {
                 return Err(invalid(&key, "is not in cluster.members"));
             }
-            overrides.insert(addr, (key, o));
+            if overrides.insert(addr, (key.clone(), o)).is_some() {
+                return Err(invalid(
+                    &key,
+                    format!("overrides {addr} a second time (another spelling of the same address)"),
+                ));
+            }
         }
         let mut members = Vec::new();
         for &address in &c.members {

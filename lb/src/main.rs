@@ -139,13 +139,15 @@ fn real_main() -> anyhow::Result<()> {
             let m = c.mesh()?;
             println!("{}: ok, member {} of {}", config.display(), c.node.address, m.members.len());
             for p in &m.members {
+                let retries = match p.connect_retries {
+                    cluster_proto::mesh::Retries::Infinite => "infinite".to_string(),
+                    cluster_proto::mesh::Retries::Count(n) => n.to_string(),
+                };
                 println!(
-                    "  {}:{} keepalive {} ms, dead after {}, connect retries {:?}",
-                    p.address,
-                    p.port,
+                    "  {} keepalive {} ms, dead after {} intervals, connect retries {retries}",
+                    SocketAddr::new(p.address, p.port),
                     p.session.keepalive.as_millis(),
                     p.session.dead_after,
-                    p.connect_retries
                 );
             }
             Ok(())

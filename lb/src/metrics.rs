@@ -15,7 +15,9 @@ pub struct Metrics {
     peers: IntGaugeVec,
     peer_up: IntGaugeVec,
     entries: IntGaugeVec,
-    messages: IntGaugeVec,
+    messages: IntCounterVec,
+    /// Message counts already added to `messages`, to add only what is new at each scrape.
+    messages_seen: std::sync::Mutex<std::collections::HashMap<(&'static str, &'static str, &'static str), u64>>,
     rejects: IntCounterVec,
     keepalive_timeouts: IntCounterVec,
     peer_down: IntCounterVec,
@@ -46,9 +48,8 @@ impl Metrics {
         let peers = gv("lb_peers", "Peers by control-channel state.", &["state"]);
         let peer_up = gv("lb_peer_up", "1 when the peer's control channel is established.", &["peer"]);
         let entries = gv("lb_entries", "Connection entries by owning member and action.", &["owner", "action"]);
-        // Exported as gauges that only grow, read from the mesh's atomic counters at scrape
-        // time; named *_total by the counter convention.
-        let messages = gv(
+        // Counted by the mesh in atomics on the hot path; added to the counter at scrape time.
+        let messages = cv(
             "lb_control_messages_total",
             "Control messages by direction, message type and action.",
             &["direction", "type", "action"],
@@ -76,6 +77,7 @@ impl Metrics {
             peer_up,
             entries,
             messages,
+            messages_seen: Default::default(),
             rejects,
             keepalive_timeouts,
             peer_down,
@@ -105,9 +107,12 @@ impl Metrics {
                 self.entries.with_label_values(&[&addr.to_string(), action.as_str()]).set(n as i64);
             }
         }
+        let mut seen = self.messages_seen.lock().unwrap_or_else(|e| e.into_inner());
         for (dir, t, a, n) in mesh.messages().snapshot() {
-            self.messages.with_label_values(&[dir, t, a]).set(n as i64);
+            let before = seen.insert((dir, t, a), n).unwrap_or(0);
+            self.messages.with_label_values(&[dir, t, a]).inc_by(n.saturating_sub(before));
         }
+        drop(seen);
         self.database_bytes.set((db.memory_bytes() + mesh.local().memory_bytes()) as i64);
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

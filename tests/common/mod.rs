@@ -5,9 +5,21 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-/// A port free on 127.0.0.1 right now (the same number is then used on other 127.0.0.x).
+/// A port free on 127.0.0.1 right now, used as the listen port on several 127.0.0.x.
+///
+/// Taken below the kernel's ephemeral range (32768-60999), so that the source ports of
+/// other tests' dialers, bound on the same 127.0.0.x addresses, can never take it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1000) as u16 * 12;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let p = 20_000 + (p - 20_000) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 /// 127.0.0.`i`.

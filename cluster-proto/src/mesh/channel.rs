@@ -1,5 +1,6 @@
 //! One control channel: a [`Session`] driven over a `TcpStream`.
 
+use std::io::Read;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -245,9 +246,11 @@ pub(super) async fn run(
             _ = tokio::time::sleep_until(deadline.into()) => {
                 // A starved task may wake to its dead timer with the peer's bytes already
                 // waiting in the socket: read them first, so a busy member does not declare
-                // a live peer dead.
+                // a live peer dead. The read goes straight to the (non-blocking) socket,
+                // since tokio's readiness may not have caught up with it yet.
+                let sock = socket2::SockRef::from(&stream);
                 loop {
-                    match stream.try_read(&mut buf) {
+                    match (&*sock).read(&mut buf) {
                         Ok(0) => { s.transport_closed(); break; }
                         Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

@@ -76,7 +76,7 @@ pub enum MeshError {
     #[error("mesh configuration: {0}")]
     Config(String),
     /// The control port could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// Address tried.
         addr: SocketAddr,
@@ -126,6 +126,7 @@ struct PeerSlot {
     since: Instant,
     connect_failures: u32,
     last_close: Option<String>,
+    channels_lost: u64,
 }
 
 impl PeerSlot {
@@ -221,6 +222,7 @@ impl Mesh {
                         since: now,
                         connect_failures: 0,
                         last_close: None,
+                        channels_lost: 0,
                     })
                 })
                 .collect(),
@@ -334,6 +336,7 @@ impl Mesh {
                     connect_failures: slot.connect_failures,
                     last_close: slot.last_close.clone(),
                     keepalive_timeouts: inner.keepalive_timeouts[i].load(Ordering::Relaxed),
+                    channels_lost: slot.channels_lost,
                 }
             })
             .collect()
@@ -442,6 +445,7 @@ impl Inner {
             return;
         }
         slot.current = None;
+        slot.channels_lost += 1;
         slot.last_close = Some(reason.to_string());
         slot.set_state(PeerState::Down);
         let purged = self.db.purge_owner(peer);

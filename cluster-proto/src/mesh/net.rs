@@ -73,12 +73,15 @@ pub(super) async fn dial(inner: Arc<Inner>, peer: MemberId) {
     let mut failures = 0u32;
     let connect_timeout = member.session.dead_interval().max(Duration::from_secs(1));
     loop {
-        // Wait until the peer has no current channel (it may have dialed us).
+        // Wait until the peer has no current channel (it may have dialed us). A channel that
+        // joined in the meantime counts as a success: start counting failures afresh.
         loop {
             let changed = inner.peer_changed[peer.0 as usize].notified();
             if inner.slot(peer).current.is_none() {
                 break;
             }
+            failures = 0;
+            backoff = inner.config.backoff_min;
             tokio::select! {
                 _ = changed => {}
                 _ = shutdown.changed() => return,

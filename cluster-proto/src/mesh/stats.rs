@@ -193,4 +193,6 @@ pub struct PeerInfo {
     pub last_close: Option<String>,
     /// Times the peer was declared dead for silence.
     pub keepalive_timeouts: u64,
+    /// Times a joined channel with the peer closed (its entries were purged each time).
+    pub channels_lost: u64,
 }

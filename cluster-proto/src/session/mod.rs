@@ -112,10 +112,17 @@ impl CloseReason {
     /// A short stable name for logs and metric labels.
     pub fn name(&self) -> &'static str {
         match self {
-            CloseReason::PeerLeft(_) => "peer_left",
+            CloseReason::PeerLeft(ErrorCode::NONE) => "peer_left",
+            CloseReason::PeerLeft(ErrorCode::BAD_MESSAGE) => "peer_left_bad_message",
+            CloseReason::PeerLeft(ErrorCode::DUPLICATE_CHANNEL) => "peer_left_duplicate_channel",
+            CloseReason::PeerLeft(ErrorCode::STALLED) => "peer_left_stalled",
+            CloseReason::PeerLeft(_) => "peer_left_other",
             CloseReason::RejectedByPeer(_) => "rejected_by_peer",
             CloseReason::Rejected(_) => "rejected",
-            CloseReason::Left(_) => "left",
+            CloseReason::Left(ErrorCode::NONE) => "left",
+            CloseReason::Left(ErrorCode::DUPLICATE_CHANNEL) => "left_duplicate_channel",
+            CloseReason::Left(ErrorCode::STALLED) => "left_stalled",
+            CloseReason::Left(_) => "left_other",
             CloseReason::NotJoin => "not_join",
             CloseReason::BadMessage(_) => "bad_message",
             CloseReason::Dead => "dead",
