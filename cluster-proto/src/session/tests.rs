@@ -258,31 +258,32 @@ impl Cluster {
         self.settle();
     }
 
+    /// Every session member `at` holds, one per link it is on.
+    fn sides_of(&mut self, at: usize) -> impl Iterator<Item = &mut Session> {
+        self.links.iter_mut().filter_map(move |l| {
+            if l.lo == at {
+                Some(&mut l.lo_side)
+            } else if l.hi == at {
+                Some(&mut l.hi_side)
+            } else {
+                None
+            }
+        })
+    }
+
     fn install(&mut self, at: usize, c: Connection, action: Action) {
         self.members[at].local.insert(&c, action);
-        for l in self.links.iter_mut() {
-            let side = if l.lo == at {
-                &mut l.lo_side
-            } else if l.hi == at {
-                &mut l.hi_side
-            } else {
-                continue;
-            };
-            side.install(self.now, action, c);
+        let now = self.now;
+        for side in self.sides_of(at) {
+            side.install(now, action, c);
         }
     }
 
     fn remove(&mut self, at: usize, c: Connection) {
         let action = self.members[at].local.remove(&c).unwrap();
-        for l in self.links.iter_mut() {
-            let side = if l.lo == at {
-                &mut l.lo_side
-            } else if l.hi == at {
-                &mut l.hi_side
-            } else {
-                continue;
-            };
-            side.remove(self.now, action, c);
+        let now = self.now;
+        for side in self.sides_of(at) {
+            side.remove(now, action, c);
         }
     }
 
