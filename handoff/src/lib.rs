@@ -1,1 +1,9 @@
-//! Packet data plane (issue: data plane). Not built yet: classification, IP-in-IP handoff and the hold queue land here.
+//! The packet data plane: parse packets into flows, classify them against the connection
+//! database (paper 2.5), hand packets of other members' flows over in IP-in-IP, hold partial
+//! flows while an INSTALL may be in transit (paper section 3), and the packet I/O backends.
+//!
+//! The core is sans-IO: [`classify::Classifier`] returns a [`classify::Verdict`] and the
+//! I/O loop carries it out.
+
+pub mod io;
+pub mod netns;

@@ -1,0 +1,5 @@
+//! Packet I/O backends: NFQUEUE interception, a raw IP-in-IP socket, TUN injection.
+
+pub mod nfqueue;
+pub mod raw;
+pub mod tun;
