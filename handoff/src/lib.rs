@@ -5,5 +5,17 @@
 //! The core is sans-IO: [`classify::Classifier`] returns a [`classify::Verdict`] and the
 //! I/O loop carries it out.
 
+#![warn(missing_docs)]
+
+pub mod classify;
+pub mod encap;
+pub mod hold;
 pub mod io;
+pub mod mss;
 pub mod netns;
+pub mod packet;
+pub mod policy;
+pub mod track;
+
+#[cfg(test)]
+mod fixtures;

@@ -1,0 +1,64 @@
+//! TCP MSS clamping on SYN and SYN-ACK, so that packets later encapsulated (20 or 40 more
+//! bytes) still fit the path MTU without fragmentation.
+
+use crate::encap::{OUTER_V4_LEN, OUTER_V6_LEN};
+
+/// The largest MSS for a link of `mtu` bytes when packets may be encapsulated in an outer
+/// header of the larger family used between members.
+pub fn mss_limit(mtu: u16, inner_v6: bool, outer_v6: bool) -> u16 {
+    let outer = if outer_v6 { OUTER_V6_LEN } else { OUTER_V4_LEN };
+    let inner = if inner_v6 { 40 } else { 20 };
+    mtu.saturating_sub((outer + inner + 20) as u16)
+}
+
+/// One's-complement incremental update of a checksum (RFC 1624, eqn. 3) for a 16-bit field
+/// changing from `old` to `new`.
+fn adjust(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check as u32) + (!old as u32 & 0xffff) + new as u32;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Lowers the MSS option of the TCP segment at `l4` in `packet` to `limit` if it is larger.
+/// Returns true when the packet was changed. Packets that are not SYN, have no MSS option or
+/// are malformed are left alone.
+pub fn clamp(packet: &mut [u8], l4: usize, limit: u16) -> bool {
+    if packet.len() < l4 + 20 || packet[l4 + 13] & 0x02 == 0 {
+        return false;
+    }
+    let doff = (packet[l4 + 12] >> 4) as usize * 4;
+    if doff < 20 || packet.len() < l4 + doff {
+        return false;
+    }
+    let mut at = l4 + 20;
+    let end = l4 + doff;
+    while at < end {
+        match packet[at] {
+            0 => return false,
+            1 => at += 1,
+            kind => {
+                if at + 1 >= end {
+                    return false;
+                }
+                let len = packet[at + 1] as usize;
+                if len < 2 || at + len > end {
+                    return false;
+                }
+                if kind == 2 && len == 4 {
+                    let old = u16::from_be_bytes([packet[at + 2], packet[at + 3]]);
+                    if old <= limit {
+                        return false;
+                    }
+                    packet[at + 2..at + 4].copy_from_slice(&limit.to_be_bytes());
+                    let check = u16::from_be_bytes([packet[l4 + 16], packet[l4 + 17]]);
+                    packet[l4 + 16..l4 + 18].copy_from_slice(&adjust(check, old, limit).to_be_bytes());
+                    return true;
+                }
+                at += len;
+            }
+        }
+    }
+    false
+}
