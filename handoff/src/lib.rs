@@ -9,6 +9,7 @@
 
 pub mod classify;
 pub mod encap;
+pub mod engine;
 pub mod hold;
 pub mod io;
 pub mod mss;
