@@ -28,6 +28,64 @@ pub struct Config {
     /// `[admin]`
     #[serde(default)]
     pub admin: Admin,
+    /// `[dataplane]`: packet interception and handoff; absent means control plane only.
+    pub dataplane: Option<Dataplane>,
+}
+
+/// `[dataplane]`: what is intercepted and how flows are handed over.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dataplane {
+    /// NFQUEUE number the rules send packets to.
+    #[serde(default = "default_queue")]
+    pub queue: u16,
+    /// TCP ports whose connections are intercepted (matched as source or destination).
+    #[serde(default)]
+    pub intercept_tcp_ports: Vec<u16>,
+    /// UDP ports whose flows are intercepted.
+    #[serde(default)]
+    pub intercept_udp_ports: Vec<u16>,
+    /// TUN device decapsulated packets are injected into.
+    #[serde(default = "default_tun")]
+    pub tun: String,
+    /// Link MTU for MSS clamping of SYN and SYN-ACK; 0 disables clamping.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// How long partial flows are held, in milliseconds (the cluster's diameter).
+    #[serde(default = "default_hold_ms")]
+    pub hold_ms: u64,
+    /// Hold queue bound in packets.
+    #[serde(default = "default_hold_packets")]
+    pub hold_packets: usize,
+    /// Hold queue bound in bytes.
+    #[serde(default = "default_hold_bytes")]
+    pub hold_bytes: usize,
+    /// Owner policy for new flows: "local" or "rendezvous".
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    /// New connections with an endpoint in one of these networks are installed as BYPASS.
+    #[serde(default)]
+    pub bypass: Vec<BypassEntry>,
+    /// Time a closed TCP connection is kept before REMOVE, in milliseconds.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// Idle time after which a UDP flow is removed, in milliseconds.
+    #[serde(default = "default_udp_idle_ms")]
+    pub udp_idle_ms: u64,
+    /// Install and remove the netfilter rules (false: print them with `lb rules` and manage
+    /// them yourself).
+    #[serde(default = "default_true")]
+    pub manage_rules: bool,
+}
+
+/// One bypass rule: `{ net = "203.0.113.0/24", port = 443 }` (port optional).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BypassEntry {
+    /// Network in CIDR notation.
+    pub net: String,
+    /// Only this port, if set.
+    pub port: Option<u16>,
 }
 
 /// `[node]`: this member.
@@ -135,6 +193,36 @@ impl<'de> Deserialize<'de> for RetriesSetting {
     }
 }
 
+fn default_queue() -> u16 {
+    7
+}
+fn default_tun() -> String {
+    "lbtun0".into()
+}
+fn default_mtu() -> u16 {
+    1500
+}
+fn default_hold_ms() -> u64 {
+    200
+}
+fn default_hold_packets() -> usize {
+    65_536
+}
+fn default_hold_bytes() -> usize {
+    64 << 20
+}
+fn default_policy() -> String {
+    "local".into()
+}
+fn default_linger_ms() -> u64 {
+    2000
+}
+fn default_udp_idle_ms() -> u64 {
+    30_000
+}
+fn default_true() -> bool {
+    true
+}
 fn default_port() -> u16 {
     DEFAULT_PORT
 }
@@ -212,6 +300,9 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         c.mesh()?;
+        if let Some(d) = &c.dataplane {
+            d.validate()?;
+        }
         Ok(c)
     }
 
@@ -312,6 +403,61 @@ impl Config {
             max_pending_joins: c.max_pending_joins,
         })
     }
+}
+
+impl Dataplane {
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.intercept_tcp_ports.is_empty() && self.intercept_udp_ports.is_empty() {
+            return Err(invalid("dataplane.intercept_tcp_ports", "intercept at least one TCP or UDP port"));
+        }
+        if self.intercept_tcp_ports.contains(&0) || self.intercept_udp_ports.contains(&0) {
+            return Err(invalid("dataplane.intercept_tcp_ports", "port 0 cannot be intercepted"));
+        }
+        if self.tun.is_empty()
+            || self.tun.len() > 15
+            || !self.tun.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "dataplane.tun",
+                format!("{:?} is not a valid interface name (1-15 of a-z, 0-9, -, _)", self.tun),
+            ));
+        }
+        if self.mtu != 0 && self.mtu < 576 {
+            return Err(invalid("dataplane.mtu", format!("must be 0 (no clamping) or at least 576, got {}", self.mtu)));
+        }
+        if !(1..=60_000).contains(&self.hold_ms) {
+            return Err(invalid("dataplane.hold_ms", format!("must be between 1 and 60000, got {}", self.hold_ms)));
+        }
+        if self.hold_packets == 0 || self.hold_bytes < 65_536 {
+            return Err(invalid(
+                "dataplane.hold_bytes",
+                "hold_packets must be at least 1 and hold_bytes at least 65536",
+            ));
+        }
+        if !matches!(self.policy.as_str(), "local" | "rendezvous") {
+            return Err(invalid("dataplane.policy", format!("{:?} is not a policy (local, rendezvous)", self.policy)));
+        }
+        for (i, b) in self.bypass.iter().enumerate() {
+            parse_cidr(&b.net).map_err(|e| invalid(format!("dataplane.bypass[{i}].net"), e))?;
+        }
+        if self.linger_ms == 0 || self.udp_idle_ms == 0 {
+            return Err(invalid("dataplane.linger_ms", "linger_ms and udp_idle_ms must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Parses "192.0.2.0/24" or "2001:db8::/32" (a bare address is a host route).
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (a, p) = s.split_once('/').unwrap_or((s, ""));
+    let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an address or network"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = if p.is_empty() { max } else { p.parse::<u8>().map_err(|_| format!("bad prefix in {s:?}"))? };
+    if prefix > max {
+        return Err(format!("prefix /{prefix} too long in {s:?}"));
+    }
+    Ok((addr, prefix))
 }
 
 #[cfg(test)]

@@ -29,6 +29,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the netfilter rules `lb run` installs for the [dataplane] section.
+    Rules {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// A 3-member cluster on loopback in one process: no root, no configuration.
     Demo {
         /// Connections each member installs.
@@ -150,6 +156,14 @@ fn real_main() -> anyhow::Result<()> {
                     p.session.dead_after,
                 );
             }
+            Ok(())
+        }
+        Command::Rules { config } => {
+            let c = lb::config::Config::load(&config)?;
+            let Some(d) = &c.dataplane else {
+                bail!("{} has no [dataplane] section: lb installs no rules", config.display())
+            };
+            print!("{}", lb::rules::describe(d));
             Ok(())
         }
         Command::Demo { connections, keep_running } => {

@@ -125,9 +125,11 @@ pub(super) async fn run(
                     let p = peer.expect("members only");
                     let slot = inner.slot(p);
                     if slot.current.as_ref().map(|c| c.channel) == Some(channel) {
-                        if let InstallOutcome::Replaced { previous_owner, .. } =
-                            inner.db.install(&connection, p, action)
-                        {
+                        let outcome = inner.db.install(&connection, p, action);
+                        if let Some(listener) = inner.install_listener.load().as_ref() {
+                            listener(&connection);
+                        }
+                        if let InstallOutcome::Replaced { previous_owner, .. } = outcome {
                             if previous_owner != p {
                                 inner
                                     .observer

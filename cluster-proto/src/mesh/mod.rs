@@ -153,11 +153,18 @@ struct Inner {
     next_channel: AtomicU64,
     messages: MessageCounters,
     observer: Arc<dyn MeshObserver>,
+    /// Told of every INSTALL applied from a peer (the data plane releases held packets).
+    install_listener: arc_swap::ArcSwapOption<InstallListener>,
+    /// Bumped whenever a peer's current channel appears or goes.
+    membership: AtomicU64,
     shutdown: watch::Sender<bool>,
     active_channels: AtomicUsize,
     idle: Notify,
     killed: std::sync::atomic::AtomicBool,
 }
+
+/// Called with each connection a peer installs, on the channel's task: must be quick.
+pub type InstallListener = Box<dyn Fn(&Connection) + Send + Sync>;
 
 /// A running cluster member's control plane. Cloning gives another handle to the same mesh.
 #[derive(Clone)]
@@ -235,6 +242,8 @@ impl Mesh {
             active_channels: AtomicUsize::new(0),
             idle: Notify::new(),
             killed: false.into(),
+            install_listener: arc_swap::ArcSwapOption::empty(),
+            membership: AtomicU64::new(0),
             config,
         });
         tokio::spawn(net::listen(inner.clone(), listener));
@@ -310,6 +319,25 @@ impl Mesh {
         let c = *connection;
         self.inner.broadcast(&mut out, || Outgoing::Remove(action, c));
         Some(action)
+    }
+
+    /// Registers the function told of every INSTALL applied from a peer.
+    pub fn set_install_listener(&self, listener: InstallListener) {
+        self.inner.install_listener.store(Some(Arc::new(listener)));
+    }
+
+    /// A number that changes whenever the set of live members may have changed.
+    pub fn membership_generation(&self) -> u64 {
+        self.inner.membership.load(Ordering::Acquire)
+    }
+
+    /// This member and every peer with a joined channel, by id.
+    pub fn live_members(&self) -> Vec<MemberId> {
+        let inner = &self.inner;
+        (0..inner.config.members.len())
+            .map(|i| MemberId(i as u8))
+            .filter(|&m| m == inner.me || inner.slot(m).current.is_some())
+            .collect()
     }
 
     /// The state of every peer.
@@ -424,6 +452,7 @@ impl Inner {
             tracing::info!(peer = %self.addr(peer), purged, "control channel superseded by a new one");
         }
         slot.current = Some(Current { channel, lower_initiated, role, close: close.clone() });
+        self.membership.fetch_add(1, Ordering::AcqRel);
         slot.connect_failures = 0;
         slot.set_state(PeerState::Synchronize);
         drop(slot);
@@ -445,6 +474,7 @@ impl Inner {
             return;
         }
         slot.current = None;
+        self.membership.fetch_add(1, Ordering::AcqRel);
         slot.channels_lost += 1;
         slot.last_close = Some(reason.to_string());
         slot.set_state(PeerState::Down);
