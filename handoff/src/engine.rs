@@ -107,6 +107,7 @@ pub struct Engine<T> {
     tracker: Tracker,
     ident: u16,
     stats: EngineStats,
+    newly_held: Vec<Connection>,
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
@@ -118,6 +119,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
             classifier,
             ident: 0,
             stats: EngineStats::default(),
+            newly_held: Vec::new(),
             config,
         }
     }
@@ -125,6 +127,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
     /// Counters so far.
     pub fn stats(&self) -> EngineStats {
         EngineStats { hold: self.hold.stats(), ..self.stats.clone() }
+    }
+
+    /// Connections that had packets held since the last call (the driver re-checks them
+    /// against the database once its install listener knows packets are held).
+    pub fn take_newly_held(&mut self) -> Vec<Connection> {
+        std::mem::take(&mut self.newly_held)
     }
 
     /// Packets in the hold queue.
@@ -203,6 +211,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
                     return;
                 };
                 let len = packet.as_ref().len();
+                self.newly_held.push(f.connection);
                 for dropped in self.hold.push(now, &f.connection, len, packet) {
                     out.push(Output::Drop { packet: dropped });
                 }

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod classify;
+pub mod driver;
 pub mod encap;
 pub mod engine;
 pub mod hold;

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 pub mod demo;
 pub mod metrics;
 pub mod rules;

@@ -25,6 +25,12 @@ pub struct Metrics {
     refused: IntCounterVec,
     table_sync: Histogram,
     database_bytes: IntGauge,
+    dataplane: std::sync::Mutex<Option<Arc<std::sync::Mutex<handoff::driver::DriverStats>>>>,
+    dp_counters: IntCounterVec,
+    dp_decisions: IntCounterVec,
+    dp_held: IntGauge,
+    /// Data-plane counter values already added, to add only what is new at each scrape.
+    dp_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -71,6 +77,14 @@ impl Metrics {
         must(registry.register(Box::new(table_sync.clone())));
         let database_bytes = must(IntGauge::new("lb_database_bytes", "Memory held by the connection tables."));
         must(registry.register(Box::new(database_bytes.clone())));
+        let dp_counters = cv(
+            "lb_dataplane_packets_total",
+            "Data-plane packet outcomes: encapsulated, decapsulated, tunnel_not_member, malformed, mss_clamped, encap_failed, io_errors, and the hold queue's held, released, expired, overflowed.",
+            &["outcome"],
+        );
+        let dp_decisions = cv("lb_dataplane_decisions_total", "Classification decisions by reason.", &["reason"]);
+        let dp_held = must(IntGauge::new("lb_hold_queue_packets", "Packets in the hold queue."));
+        must(registry.register(Box::new(dp_held.clone())));
         Arc::new(Metrics {
             registry,
             peers,
@@ -85,7 +99,48 @@ impl Metrics {
             refused,
             table_sync,
             database_bytes,
+            dataplane: Default::default(),
+            dp_counters,
+            dp_decisions,
+            dp_held,
+            dp_seen: Default::default(),
         })
+    }
+
+    /// Exports the data plane's counters too.
+    pub fn set_dataplane(&self, stats: Arc<std::sync::Mutex<handoff::driver::DriverStats>>) {
+        *self.dataplane.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+    }
+
+    fn render_dataplane(&self) {
+        let Some(stats) = self.dataplane.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let s = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let e = &s.engine;
+        let mut seen = self.dp_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut add = |vec: &IntCounterVec, label: &str, value: u64| {
+            let key = format!("{}/{label}", if std::ptr::eq(vec, &self.dp_counters) { "packets" } else { "decisions" });
+            let before = seen.insert(key, value).unwrap_or(0);
+            vec.with_label_values(&[label]).inc_by(value.saturating_sub(before));
+        };
+        for (label, v) in [
+            ("encapsulated", e.encapsulated),
+            ("decapsulated", e.decapsulated),
+            ("tunnel_not_member", e.tunnel_not_member),
+            ("malformed", e.malformed),
+            ("mss_clamped", e.mss_clamped),
+            ("encap_failed", e.encap_failed),
+            ("io_errors", s.io_errors),
+            ("held", e.hold.held),
+            ("released", e.hold.released),
+            ("expired", e.hold.expired),
+            ("overflowed", e.hold.overflowed),
+        ] {
+            add(&self.dp_counters, label, v);
+        }
+        for (reason, v) in &e.decisions {
+            add(&self.dp_decisions, reason, *v);
+        }
+        self.dp_held.set(s.held as i64);
     }
 
     /// Reads the mesh's current state into the gauges and renders the text format.
@@ -114,6 +169,7 @@ impl Metrics {
         }
         drop(seen);
         self.database_bytes.set((db.memory_bytes() + mesh.local().memory_bytes()) as i64);
+        self.render_dataplane();
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

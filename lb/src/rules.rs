@@ -1,9 +1,14 @@
 //! The netfilter rules `lb run` installs for its data plane, and removes on exit. `lb rules`
 //! prints them for operators who manage their own firewall.
 //!
-//! Everything lives in two chains of the mangle table, LB-PRE (hooked from PREROUTING) and
+//! Everything lives in two chains of the raw table, LB-PRE (hooked from PREROUTING) and
 //! LB-OUT (from OUTPUT), for iptables and ip6tables. Packets are sent to NFQUEUE with
 //! `--queue-bypass`, so traffic flows untouched (fail-open) when no daemon listens.
+//!
+//! Why raw: a queued packet that gets an accept verdict continues with the next netfilter
+//! hook, not the next rule. In the raw table (priority -300, after defragmentation) the
+//! data plane sees every packet before conntrack and before the mangle table, where the
+//! transparent proxy's TPROXY rules live.
 
 use std::fmt::Write as _;
 use std::process::Command;
@@ -26,7 +31,7 @@ fn ports(list: &[u16]) -> Vec<String> {
 pub fn ruleset(d: &Dataplane, v6: bool) -> String {
     let q = format!("-j NFQUEUE --queue-num {} --queue-bypass", d.queue);
     let mut s = String::new();
-    let _ = writeln!(s, "*mangle");
+    let _ = writeln!(s, "*raw");
     let _ = writeln!(s, ":{PRE_CHAIN} - [0:0]");
     let _ = writeln!(s, ":{OUT_CHAIN} - [0:0]");
     let _ = writeln!(s, "-A PREROUTING -j {PRE_CHAIN}");
@@ -101,12 +106,12 @@ pub fn remove() {
         let (ipt, _) = tool(v6);
         for (hook, chain) in [("PREROUTING", PRE_CHAIN), ("OUTPUT", OUT_CHAIN)] {
             let run = |args: &[&str]| {
-                let _ = Command::new(ipt).args(["-w", "-t", "mangle"]).args(args).output();
+                let _ = Command::new(ipt).args(["-w", "-t", "raw"]).args(args).output();
             };
             // The hook may have been added more than once by hand; remove every copy.
             for _ in 0..8 {
                 let ok = Command::new(ipt)
-                    .args(["-w", "-t", "mangle", "-D", hook, "-j", chain])
+                    .args(["-w", "-t", "raw", "-D", hook, "-j", chain])
                     .output()
                     .map(|o| o.status.success())
                     .unwrap_or(false);

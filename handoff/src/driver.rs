@@ -1,0 +1,278 @@
+//! The Linux data-plane loop: one thread that polls NFQUEUE, the raw IP-in-IP sockets and a
+//! wake-up pipe, runs the [`Engine`], and carries out its outputs in order.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster_proto::{Action, Connection, ConnectionDatabase, ConnectionTable, MemberId};
+
+use crate::classify::{Hook, View};
+use crate::engine::{Engine, EngineStats, Output};
+use crate::io::nfqueue::{self, NfQueue, NfVerdict, Queued};
+use crate::io::raw::RawTunnel;
+use crate::io::tun::Tun;
+
+/// What the data plane needs from the control plane (the mesh).
+pub trait ControlPlane: Send + Sync {
+    /// This member.
+    fn me(&self) -> MemberId;
+    /// This member's connections.
+    fn local(&self) -> &ConnectionTable;
+    /// The other members' connections.
+    fn database(&self) -> &ConnectionDatabase;
+    /// Changes whenever the live members may have changed.
+    fn membership_generation(&self) -> u64;
+    /// This member and every peer with a joined channel.
+    fn live_members(&self) -> Vec<MemberId>;
+    /// Inserts a local connection and sends INSTALL to every peer.
+    fn install(&self, connection: Connection, action: Action);
+    /// Removes a local connection and sends REMOVE to every peer.
+    fn remove(&self, connection: &Connection);
+}
+
+/// An intercepted packet: the kernel's handle and a copy of its bytes the engine may rewrite.
+pub struct Pkt {
+    queued: Queued,
+    buf: Vec<u8>,
+}
+
+impl AsRef<[u8]> for Pkt {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl AsMut<[u8]> for Pkt {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+/// Wakes the data-plane thread when an INSTALL arrives for a flow with held packets.
+#[derive(Clone)]
+pub struct Waker {
+    pending: Arc<Mutex<Vec<Connection>>>,
+    holding: Arc<AtomicUsize>,
+    tx: Arc<UnixDatagram>,
+}
+
+impl Waker {
+    /// Called for every INSTALL a peer sends: one atomic load unless packets are held.
+    pub fn on_install(&self, c: &Connection) {
+        if self.holding.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.push(*c);
+        if p.len() == 1 {
+            let _ = self.tx.send(&[1]);
+        }
+    }
+}
+
+/// The data plane's devices.
+pub struct Devices {
+    /// Interception.
+    pub queue: NfQueue,
+    /// IP-in-IP to and from members.
+    pub tunnel: RawTunnel,
+    /// Injection of decapsulated packets.
+    pub tun: Tun,
+}
+
+/// Counters the driver publishes for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct DriverStats {
+    /// The engine's counters.
+    pub engine: EngineStats,
+    /// Packets in the hold queue now.
+    pub held: usize,
+    /// Errors sending to the tunnel or the TUN device, or giving verdicts.
+    pub io_errors: u64,
+}
+
+/// The data-plane thread's state.
+pub struct Driver {
+    engine: Engine<Pkt>,
+    dev: Devices,
+    waker: Waker,
+    rx: UnixDatagram,
+    stats: Arc<Mutex<DriverStats>>,
+    io_errors: u64,
+}
+
+fn poll(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `p` is a valid array of pollfd for the duration of the call.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(p.iter().map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0).collect())
+}
+
+impl Driver {
+    /// A driver over open devices.
+    pub fn new(engine: Engine<Pkt>, dev: Devices) -> io::Result<Driver> {
+        let (tx, rx) = UnixDatagram::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        let waker = Waker {
+            pending: Arc::new(Mutex::new(Vec::new())),
+            holding: Arc::new(AtomicUsize::new(0)),
+            tx: Arc::new(tx),
+        };
+        Ok(Driver { engine, dev, waker, rx, stats: Arc::new(Mutex::new(DriverStats::default())), io_errors: 0 })
+    }
+
+    /// The handle to give the mesh's install listener.
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// Where the driver publishes its counters.
+    pub fn stats(&self) -> Arc<Mutex<DriverStats>> {
+        self.stats.clone()
+    }
+
+    /// Runs until `stop` is set (checked at least every 100 ms).
+    pub fn run(mut self, cp: &dyn ControlPlane, stop: &AtomicBool) -> io::Result<()> {
+        let mut live = cp.live_members();
+        let mut generation = cp.membership_generation();
+        let mut out: Vec<Output<Pkt>> = Vec::with_capacity(64);
+        let mut buf = vec![0u8; 65_536];
+        let [t4, t41] = self.dev.tunnel.raw_fds();
+        let fds = [self.dev.queue.raw_fd(), t4, t41, self.rx.as_raw_fd()];
+        let mut last_publish = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let timeout = self.engine.next_timeout(now).saturating_duration_since(now).min(Duration::from_millis(100));
+            let ready = poll(&fds, timeout)?;
+            let g = cp.membership_generation();
+            if g != generation {
+                generation = g;
+                live = cp.live_members();
+            }
+            let view = View { me: cp.me(), local: cp.local(), db: cp.database(), live: &live };
+            if ready[0] {
+                // Drain a bounded batch, so the tunnel and wake-ups get their turn.
+                for _ in 0..256 {
+                    let Some(q) = self.dev.queue.recv_timeout(Duration::ZERO)? else { break };
+                    let hook = match q.hook() {
+                        nfqueue::Hook::Prerouting => Hook::Prerouting,
+                        nfqueue::Hook::Output => Hook::Output,
+                        nfqueue::Hook::Other(_) => {
+                            self.verdict(q, NfVerdict::Accept);
+                            continue;
+                        }
+                    };
+                    let buf = q.payload().to_vec();
+                    self.engine.handle(Instant::now(), &view, Pkt { queued: q, buf }, hook, &mut out);
+                    self.after_holds(&view, &mut out);
+                    self.carry_out(cp, &mut out);
+                }
+            }
+            if ready[1] || ready[2] {
+                for _ in 0..256 {
+                    let Some(r) = self.dev.tunnel.recv_timeout(&mut buf, Duration::ZERO)? else { break };
+                    self.engine.handle_tunnel(Instant::now(), &view, r.outer_src, &buf[r.inner.clone()], &mut out);
+                    self.carry_out(cp, &mut out);
+                }
+            }
+            if ready[3] {
+                let mut b = [0u8; 64];
+                while self.rx.recv(&mut b).is_ok() {}
+                let pending = std::mem::take(&mut *self.waker.pending.lock().unwrap_or_else(|e| e.into_inner()));
+                for c in pending {
+                    if self.engine.is_holding(&c) {
+                        self.engine.on_install(Instant::now(), &view, &c, &mut out);
+                    }
+                }
+                self.carry_out(cp, &mut out);
+            }
+            self.engine.poll(Instant::now(), &view, &mut out);
+            self.carry_out(cp, &mut out);
+            self.waker.holding.store(self.engine.held(), Ordering::Release);
+            if last_publish.elapsed() >= Duration::from_millis(100) {
+                self.publish();
+                last_publish = Instant::now();
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Closes the race between holding a packet and its INSTALL arriving: once the waker
+    /// knows packets are held, flows the database already knows are released at once.
+    fn after_holds(&mut self, view: &View, out: &mut Vec<Output<Pkt>>) {
+        let held = self.engine.take_newly_held();
+        if held.is_empty() {
+            return;
+        }
+        self.waker.holding.store(self.engine.held().max(1), Ordering::Release);
+        for c in held {
+            if view.db.owner_of(&c).is_some() || view.local.lookup(&c).is_some() {
+                self.engine.on_install(Instant::now(), view, &c, out);
+            }
+        }
+    }
+
+    fn verdict(&mut self, q: Queued, v: NfVerdict) {
+        if self.dev.queue.verdict(q, v).is_err() {
+            self.io_errors += 1;
+        }
+    }
+
+    fn carry_out(&mut self, cp: &dyn ControlPlane, out: &mut Vec<Output<Pkt>>) {
+        for o in out.drain(..) {
+            match o {
+                Output::Install { connection, action } => cp.install(connection, action),
+                Output::Remove { connection } => cp.remove(&connection),
+                Output::Accept { packet, modified } => {
+                    let v = if modified { NfVerdict::AcceptModified(packet.buf) } else { NfVerdict::Accept };
+                    if self.dev.queue.verdict(packet.queued, v).is_err() {
+                        self.io_errors += 1;
+                    }
+                }
+                Output::Drop { packet } => {
+                    if self.dev.queue.verdict(packet.queued, NfVerdict::Drop).is_err() {
+                        self.io_errors += 1;
+                    }
+                }
+                Output::Send { outer, .. } => {
+                    if self.dev.tunnel.send(&outer).is_err() {
+                        self.io_errors += 1;
+                    }
+                }
+                Output::Inject { packet } => {
+                    if self.dev.tun.write(&packet).is_err() {
+                        self.io_errors += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.engine = self.engine.stats();
+        s.held = self.engine.held();
+        s.io_errors = self.io_errors + self.dev.queue.verdict_errors();
+    }
+}
+
+/// The outer address a member uses, for logs.
+pub fn describe_member(members: &[IpAddr], m: MemberId) -> String {
+    members.get(m.0 as usize).map(|a| a.to_string()).unwrap_or_else(|| format!("member #{}", m.0))
+}

@@ -1,0 +1,141 @@
+//! Starts the packet data plane of `lb run` (the `[dataplane]` section): the devices, the
+//! netfilter rules, and the driver thread, wired to the mesh.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use cluster_proto::mesh::Mesh;
+use cluster_proto::{Action, Connection, ConnectionDatabase, ConnectionTable, MemberId};
+use handoff::classify::{BypassRule, Classifier};
+use handoff::driver::{ControlPlane, Devices, Driver, DriverStats};
+use handoff::engine::{Engine, EngineConfig};
+use handoff::io::{nfqueue::NfQueue, raw::RawTunnel, tun::Tun};
+use handoff::policy::{LocalOnly, OwnerPolicy, Rendezvous, RendezvousKey};
+use handoff::track::TrackConfig;
+
+use crate::config::{parse_cidr, Dataplane};
+use crate::rules;
+
+/// The mesh as the data plane sees it.
+pub struct MeshControl(pub Mesh);
+
+impl ControlPlane for MeshControl {
+    fn me(&self) -> MemberId {
+        self.0.me()
+    }
+    fn local(&self) -> &ConnectionTable {
+        self.0.local()
+    }
+    fn database(&self) -> &ConnectionDatabase {
+        self.0.database()
+    }
+    fn membership_generation(&self) -> u64 {
+        self.0.membership_generation()
+    }
+    fn live_members(&self) -> Vec<MemberId> {
+        self.0.live_members()
+    }
+    fn install(&self, connection: Connection, action: Action) {
+        self.0.install(connection, action);
+    }
+    fn remove(&self, connection: &Connection) {
+        self.0.remove(connection);
+    }
+}
+
+/// A running data plane; [`RunningDataplane::stop`] removes what it installed.
+pub struct RunningDataplane {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// Counters for metrics.
+    pub stats: Arc<Mutex<DriverStats>>,
+    managed_rules: bool,
+}
+
+/// The owner policy named in the configuration.
+pub fn policy(name: &str) -> Box<dyn OwnerPolicy> {
+    match name {
+        "rendezvous" => Box::new(Rendezvous { key: RendezvousKey::Connection }),
+        _ => Box::new(LocalOnly),
+    }
+}
+
+/// Opens the devices, installs the rules and starts the driver thread.
+pub fn start(d: &Dataplane, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
+    let tun = Tun::open(&d.tun).with_context(|| format!("cannot open TUN device {} (root needed)", d.tun))?;
+    tun.configure().with_context(|| format!("cannot configure {}", d.tun))?;
+    let tunnel = RawTunnel::open(mesh.address()).context("cannot open the raw IP-in-IP sockets (root needed)")?;
+    let queue = NfQueue::open(d.queue).with_context(|| format!("cannot bind NFQUEUE {}", d.queue))?;
+    let bypass = d
+        .bypass
+        .iter()
+        .map(|b| {
+            let (addr, prefix) = parse_cidr(&b.net).map_err(anyhow::Error::msg)?;
+            Ok(BypassRule { addr, prefix, port: b.port })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let hold_time = Duration::from_millis(d.hold_ms);
+    let classifier = Classifier::new(policy(&d.policy), bypass, hold_time);
+    let engine = Engine::new(
+        EngineConfig {
+            address: mesh.address(),
+            members: mesh.members(),
+            hold_time,
+            hold_packets: d.hold_packets,
+            hold_bytes: d.hold_bytes,
+            mtu: (d.mtu != 0).then_some(d.mtu),
+            track: TrackConfig {
+                linger: Duration::from_millis(d.linger_ms),
+                udp_idle: Duration::from_millis(d.udp_idle_ms),
+                ..TrackConfig::default()
+            },
+        },
+        classifier,
+    );
+    let driver = Driver::new(engine, Devices { queue, tunnel, tun })?;
+    let waker = driver.waker();
+    mesh.set_install_listener(Box::new(move |c| waker.on_install(c)));
+    let stats = driver.stats();
+    if d.manage_rules {
+        rules::install(d)?;
+        tracing::info!(queue = d.queue, "netfilter rules installed (chains LB-PRE, LB-OUT in the raw table)");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let control = MeshControl(mesh.clone());
+    let s = stop.clone();
+    let thread = std::thread::Builder::new().name("lb-dataplane".into()).spawn(move || {
+        let r = driver.run(&control, &s);
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "data plane stopped; traffic now bypasses it (fail-open)");
+        }
+        r
+    })?;
+    Ok(RunningDataplane { stop, thread: Some(thread), stats, managed_rules: d.manage_rules })
+}
+
+impl RunningDataplane {
+    /// Stops the driver and removes the rules it installed.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if self.managed_rules {
+            rules::remove();
+        }
+    }
+}
+
+impl Drop for RunningDataplane {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+            if self.managed_rules {
+                rules::remove();
+            }
+        }
+    }
+}
