@@ -121,6 +121,10 @@ pub struct Cluster {
     /// Accepted channels that have not sent PEER_JOIN yet, at most.
     #[serde(default = "default_pending_joins")]
     pub max_pending_joins: usize,
+    /// Test aid: delay every update this member sends by this many milliseconds, to
+    /// emulate a long-distance cluster. Leave at 0 in production.
+    #[serde(default)]
+    pub test_send_delay_ms: u64,
     /// Every member's cluster address, this one included.
     pub members: Vec<IpAddr>,
     /// Per-member overrides, keyed by address: `[cluster.member."192.0.2.2"]`.
@@ -401,6 +405,7 @@ impl Config {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2).max(keepalive),
             max_pending_joins: c.max_pending_joins,
+            send_delay: Duration::from_millis(c.test_send_delay_ms.min(10_000)),
         })
     }
 }

@@ -33,6 +33,22 @@ pub(super) enum Outcome {
     Failed(&'static str),
 }
 
+/// Hands one queued update to the session.
+fn apply(s: &mut Session, now: Instant, c: Outgoing, table_entries: &mut usize) {
+    match c {
+        Outgoing::Table(t) => {
+            *table_entries = t.len();
+            s.send_table(now, &t);
+        }
+        Outgoing::Install(a, c) => {
+            s.install(now, a, c);
+        }
+        Outgoing::Remove(a, c) => {
+            s.remove(now, a, c);
+        }
+    }
+}
+
 /// Counts a live channel; the mesh's shutdown waits for the count to reach zero.
 struct ActiveGuard(Arc<Inner>);
 
@@ -76,6 +92,9 @@ pub(super) async fn run(
     let mut counted = Counters::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut reason = CloseReason::TransportClosed;
+    // Test aid: outgoing updates wait this long, as over a long-distance link.
+    let delay = inner.config.send_delay;
+    let mut delayed: std::collections::VecDeque<(Instant, Outgoing)> = std::collections::VecDeque::new();
 
     'run: loop {
         while let Some(ev) = s.poll_event() {
@@ -233,16 +252,20 @@ pub(super) async fn run(
                 let mut next = cmd;
                 let mut n = 0;
                 while let Some(c) = next {
-                    match c {
-                        Outgoing::Table(t) => {
-                            table_entries = t.len();
-                            s.send_table(now, &t);
-                        }
-                        Outgoing::Install(a, c) => { s.install(now, a, c); }
-                        Outgoing::Remove(a, c) => { s.remove(now, a, c); }
+                    if delay.is_zero() {
+                        apply(&mut s, now, c, &mut table_entries);
+                    } else {
+                        delayed.push_back((now + delay, c));
                     }
                     n += 1;
                     next = if n < BATCH { rx.try_recv().ok() } else { None };
+                }
+            }
+            _ = tokio::time::sleep_until(delayed.front().map_or(deadline, |d| d.0).into()), if !delayed.is_empty() => {
+                let now = Instant::now();
+                while delayed.front().is_some_and(|d| d.0 <= now) {
+                    let (_, c) = delayed.pop_front().expect("checked");
+                    apply(&mut s, now, c, &mut table_entries);
                 }
             }
             _ = tokio::time::sleep_until(deadline.into()) => {

@@ -67,6 +67,9 @@ pub struct MeshConfig {
     pub backoff_max: Duration,
     /// Channels accepted but not yet joined, at most.
     pub max_pending_joins: usize,
+    /// Delay added to every update sent to peers: a test aid that emulates a long-distance
+    /// cluster (INSTALLs late at the peers). Zero in production.
+    pub send_delay: Duration,
 }
 
 /// Why a mesh could not start.
@@ -185,6 +188,7 @@ impl MeshConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             max_pending_joins: 64,
+            send_delay: Duration::ZERO,
         }
     }
 
