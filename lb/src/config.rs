@@ -30,6 +30,40 @@ pub struct Config {
     pub admin: Admin,
     /// `[dataplane]`: packet interception and handoff; absent means control plane only.
     pub dataplane: Option<Dataplane>,
+    /// `[proxy]`: the built-in transparent TCP proxy; absent means none.
+    pub proxy: Option<ProxySection>,
+}
+
+/// `[proxy]`: the on-box transparent proxy (TPROXY listener, optional client spoofing).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// Where TPROXY delivers intercepted connections, e.g. "0.0.0.0:8080" ("[::]:8080" takes
+    /// both families).
+    pub listen: SocketAddr,
+    /// Connect to the server from the client's address (client spoofing).
+    #[serde(default = "default_true")]
+    pub spoof: bool,
+    /// TCP destination ports to intercept.
+    pub intercept_tcp_ports: Vec<u16>,
+    /// Packet mark (and mask) used for TPROXY and its policy route.
+    #[serde(default = "default_mark")]
+    pub tproxy_mark: u32,
+    /// Routing table for the local route of marked packets.
+    #[serde(default = "default_table")]
+    pub route_table: u32,
+    /// Connect timeout towards servers, in milliseconds.
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Idle timeout of a proxied connection, in milliseconds.
+    #[serde(default = "default_idle_ms")]
+    pub idle_timeout_ms: u64,
+    /// Connections proxied at once, at most.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Install and remove the TPROXY rules, policy rule and local route.
+    #[serde(default = "default_true")]
+    pub manage_rules: bool,
 }
 
 /// `[dataplane]`: what is intercepted and how flows are handed over.
@@ -197,6 +231,21 @@ impl<'de> Deserialize<'de> for RetriesSetting {
     }
 }
 
+fn default_mark() -> u32 {
+    1
+}
+fn default_table() -> u32 {
+    100
+}
+fn default_connect_ms() -> u64 {
+    5000
+}
+fn default_idle_ms() -> u64 {
+    300_000
+}
+fn default_max_conns() -> usize {
+    10_000
+}
 fn default_queue() -> u16 {
     7
 }
@@ -306,6 +355,23 @@ impl Config {
         c.mesh()?;
         if let Some(d) = &c.dataplane {
             d.validate()?;
+        }
+        if let Some(p) = &c.proxy {
+            if p.intercept_tcp_ports.is_empty() || p.intercept_tcp_ports.contains(&0) {
+                return Err(invalid("proxy.intercept_tcp_ports", "list the TCP ports to intercept (1-65535)"));
+            }
+            if p.listen.port() == 0 {
+                return Err(invalid("proxy.listen", "needs a port"));
+            }
+            if p.tproxy_mark == 0 {
+                return Err(invalid("proxy.tproxy_mark", "must not be 0"));
+            }
+            if p.route_table == 0 || p.route_table >= 253 && p.route_table <= 255 {
+                return Err(invalid("proxy.route_table", "must not be 0 or a reserved table (253-255)"));
+            }
+            if p.max_connections == 0 || p.connect_timeout_ms == 0 || p.idle_timeout_ms == 0 {
+                return Err(invalid("proxy.max_connections", "max_connections and the timeouts must be at least 1"));
+            }
         }
         Ok(c)
     }

@@ -27,6 +27,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         None => None,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let proxy_rules = match &config.proxy {
+        Some(p) => Some(start_proxy(p, stop_rx.clone()).await?),
+        None => None,
+    };
     let mut stop_admin = stop_rx.clone();
     let admin = admin::serve(config.admin.listen, AdminState { mesh: mesh.clone(), metrics }, async move {
         let _ = stop_admin.wait_for(|s| *s).await;
@@ -44,9 +48,80 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         // Rules go first, so traffic is never queued to a queue nobody reads.
         tokio::task::spawn_blocking(move || dp.stop()).await?;
     }
-    mesh.shutdown(Duration::from_secs(2)).await;
     let _ = stop_tx.send(true);
+    if let Some(rules) = proxy_rules {
+        let _ = run_commands(&undo(&rules), false);
+    }
+    mesh.shutdown(Duration::from_secs(2)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
     tracing::info!("left the cluster");
     Ok(())
+}
+
+/// Starts the transparent proxy; returns the rule commands it installed (to undo on exit).
+async fn start_proxy(
+    p: &crate::config::ProxySection,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let proxy = crate::proxy::bind(crate::proxy::ProxyConfig {
+        listen: p.listen,
+        spoof: p.spoof,
+        connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+        idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+        max_connections: p.max_connections,
+    })
+    .await
+    .with_context(|| format!("cannot listen on proxy.listen {} (IP_TRANSPARENT needs root)", p.listen))?;
+    let mut rules = Vec::new();
+    if p.manage_rules {
+        let families: &[bool] = if p.listen.is_ipv4() { &[false] } else { &[false, true] };
+        for &v6 in families {
+            rules.extend(crate::proxy::tproxy_rules(
+                p.listen.port(),
+                &p.intercept_tcp_ports,
+                p.tproxy_mark,
+                p.route_table,
+                v6,
+            ));
+        }
+        run_commands(&rules, true)?;
+        tracing::info!(listen = %p.listen, ports = ?p.intercept_tcp_ports, "TPROXY rules installed");
+    }
+    tokio::spawn(proxy.serve(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    tracing::info!(listen = %p.listen, spoof = p.spoof, "transparent proxy up");
+    Ok(rules)
+}
+
+/// Runs argv commands in order; with `strict`, the first failure is an error.
+fn run_commands(cmds: &[Vec<String>], strict: bool) -> anyhow::Result<()> {
+    for c in cmds {
+        let out = std::process::Command::new(&c[0]).args(&c[1..]).output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) if strict => {
+                anyhow::bail!("`{}` failed: {}", c.join(" "), String::from_utf8_lossy(&o.stderr).trim())
+            }
+            Err(e) if strict => anyhow::bail!("cannot run `{}`: {e}", c.join(" ")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The commands that remove what `cmds` added, in reverse order.
+fn undo(cmds: &[Vec<String>]) -> Vec<Vec<String>> {
+    cmds.iter()
+        .rev()
+        .map(|c| {
+            c.iter()
+                .map(|w| match w.as_str() {
+                    "-A" => "-D".to_string(),
+                    "add" => "del".to_string(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect()
 }

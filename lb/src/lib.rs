@@ -7,4 +7,5 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod metrics;
+pub mod proxy;
 pub mod rules;

@@ -1,0 +1,376 @@
+//! Paper Fig. 1 in real network namespaces: a client connects through member A, whose
+//! transparent proxy spoofs the client's address toward the server; the server's return
+//! path goes through member B. With A and B clustered, B hands the server's packets to A in
+//! IP-in-IP and a 1 MiB request/response exchange succeeds; with B outside the cluster the
+//! server's reply reaches the client directly and the exchange fails.
+//!
+//! ```text
+//!                    192.0.2.0/24            198.51.100.0/24
+//!   client C  c0 ------------------- a0  A  a1 ------------------ s0  server S
+//!     |  c1                               | a2 198.18.0.1               s1 |
+//!     |  203.0.113.0/24        cluster    |  198.18.0.0/24                 | 198.18.1.0/24
+//!     +------------------------ b1  B  b2 + 198.18.0.2        b0 ---------+
+//!  S routes the client's network via B; B routes it straight to C.
+//! ```
+//!
+//! Every namespace, veth and process is this test's own, removed on success and failure.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use handoff::netns::{veth, Netns};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+const PAYLOAD: usize = 1 << 20;
+
+struct Fam {
+    v6: bool,
+    client: &'static str,
+    a_client_side: &'static str,
+    a_server_side: &'static str,
+    server: &'static str,
+    server_b_side: &'static str,
+    b_server_side: &'static str,
+    b_client_side: &'static str,
+    client_b_side: &'static str,
+    a_cluster: &'static str,
+    b_cluster: &'static str,
+    prefix: u8,
+}
+
+const V4: Fam = Fam {
+    v6: false,
+    client: "192.0.2.10",
+    a_client_side: "192.0.2.1",
+    a_server_side: "198.51.100.1",
+    server: "198.51.100.80",
+    server_b_side: "198.18.1.80",
+    b_server_side: "198.18.1.1",
+    b_client_side: "203.0.113.1",
+    client_b_side: "203.0.113.10",
+    a_cluster: "198.18.0.1",
+    b_cluster: "198.18.0.2",
+    prefix: 24,
+};
+
+const V6: Fam = Fam {
+    v6: true,
+    client: "2001:db8:c::10",
+    a_client_side: "2001:db8:c::1",
+    a_server_side: "2001:db8:5::1",
+    server: "2001:db8:5::80",
+    server_b_side: "2001:db8:51::80",
+    b_server_side: "2001:db8:51::1",
+    b_client_side: "2001:db8:cb::1",
+    client_b_side: "2001:db8:cb::10",
+    a_cluster: "2001:db8:ff::1",
+    b_cluster: "2001:db8:ff::2",
+    prefix: 64,
+};
+
+struct Topology {
+    f: &'static Fam,
+    c: Netns,
+    a: Netns,
+    s: Netns,
+    b: Netns,
+    dir: PathBuf,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn addr(ns: &Netns, dev: &str, a: &str, prefix: u8) {
+    let nodad = if a.contains(':') { " nodad" } else { "" };
+    ns.sh(&format!("ip addr add {a}/{prefix} dev {dev}{nodad}")).unwrap();
+}
+
+fn topology(f: &'static Fam) -> Topology {
+    let (c, a, s, b) = (
+        Netns::new("f1c").unwrap(),
+        Netns::new("f1a").unwrap(),
+        Netns::new("f1s").unwrap(),
+        Netns::new("f1b").unwrap(),
+    );
+    veth(&c, "c0", &a, "a0").unwrap();
+    veth(&c, "c1", &b, "b1").unwrap();
+    veth(&a, "a1", &s, "s0").unwrap();
+    veth(&b, "b0", &s, "s1").unwrap();
+    veth(&a, "a2", &b, "b2").unwrap();
+    let p = f.prefix;
+    addr(&c, "c0", f.client, p);
+    addr(&c, "c1", f.client_b_side, p);
+    addr(&a, "a0", f.a_client_side, p);
+    addr(&a, "a1", f.a_server_side, p);
+    addr(&a, "a2", f.a_cluster, p);
+    addr(&s, "s0", f.server, p);
+    addr(&s, "s1", f.server_b_side, p);
+    addr(&b, "b0", f.b_server_side, p);
+    addr(&b, "b1", f.b_client_side, p);
+    addr(&b, "b2", f.b_cluster, p);
+    let ip = if f.v6 { "ip -6" } else { "ip" };
+    let client_net = if f.v6 { "2001:db8:c::/64" } else { "192.0.2.0/24" };
+    // The client goes through A; the server answers the client's network through B; B
+    // delivers it straight to the client.
+    c.sh(&format!("{ip} route add default via {}", f.a_client_side)).unwrap();
+    s.sh(&format!("{ip} route add {client_net} via {}", f.b_server_side)).unwrap();
+    b.sh(&format!("{ip} route add {client_net} via {}", f.client_b_side)).unwrap();
+    for ns in [&a, &b] {
+        ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1").unwrap();
+    }
+    // The client accepts the server's reply on its second link (asymmetric path).
+    c.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.c1.rp_filter=0 net.ipv4.conf.c0.rp_filter=0").unwrap();
+    let dir = std::env::temp_dir().join(format!("lb-fig1-{}-{}", c.name(), if f.v6 { 6 } else { 4 }));
+    std::fs::create_dir_all(&dir).unwrap();
+    Topology { f, c, a, s, b, dir }
+}
+
+/// `lb run` inside a namespace; killed on drop.
+struct Member {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Topology {
+    fn config(&self, me: &str, proxy: bool, delay_ms: u64) -> String {
+        let f = self.f;
+        let any = if f.v6 { "[::]" } else { "0.0.0.0" };
+        let proxy = if proxy {
+            format!("\n[proxy]\nlisten = \"{any}:8080\"\nspoof = true\nintercept_tcp_ports = [80]\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "[node]\naddress = \"{me}\"\n\n[cluster]\nport = 7400\nkeepalive_ms = 200\ntest_send_delay_ms = {delay_ms}\n\
+             members = [\"{}\", \"{}\"]\n\n[admin]\nlisten = \"127.0.0.1:9741\"\n\n\
+             [dataplane]\nqueue = 3\nintercept_tcp_ports = [80]\nhold_ms = 1500\nmtu = 1500\n{proxy}",
+            f.a_cluster, f.b_cluster
+        )
+    }
+
+    fn start(&self, ns: &Netns, name: &str, config: String) -> Member {
+        let cfg = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = self.dir.join(format!("{name}.log"));
+        let child = ns
+            .spawn(
+                Command::new(LB)
+                    .args(["run", "--config"])
+                    .arg(&cfg)
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap()),
+            )
+            .unwrap();
+        let m = Member { child, log };
+        let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
+        wait(&format!("{name}'s admin API"), Duration::from_secs(10), || {
+            in_ns(ns, || lb::client::request(admin, "GET", "/peers", None).is_ok())
+        });
+        m
+    }
+}
+
+impl Member {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Runs `f` on a thread that has entered `ns`.
+fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let _g = ns.enter().unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(ns: &Netns, name_and_labels: &str) -> u64 {
+    let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
+    let text = in_ns(ns, || lb::client::request(admin, "GET", "/metrics", None).map(|r| r.1).unwrap_or_default());
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
+        as u64
+}
+
+/// The server: echoes exactly PAYLOAD bytes per connection and records each peer address.
+struct Server {
+    stop: Arc<AtomicBool>,
+    peers: Arc<std::sync::Mutex<Vec<IpAddr>>>,
+    served: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(t: &Topology) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (st, pe, se) = (stop.clone(), peers.clone(), served.clone());
+        let listen = SocketAddr::new(t.f.server.parse().unwrap(), 80);
+        let ns_name = t.s.name().to_string();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+            nix_setns(&f);
+            let l = TcpListener::bind(listen).unwrap();
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !st.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        pe.lock().unwrap().push(peer.ip());
+                        let se = se.clone();
+                        std::thread::spawn(move || {
+                            s.set_nonblocking(false).unwrap();
+                            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                            let mut buf = vec![0u8; PAYLOAD];
+                            if s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {
+                                se.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        Server { stop, peers, served, thread: Some(thread) }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn nix_setns(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+}
+
+/// One 1 MiB request/response from the client through A. Ok when every byte came back.
+fn exchange(t: &Topology, timeout: Duration) -> Result<(), String> {
+    let to = SocketAddr::new(t.f.server.parse().unwrap(), 80);
+    in_ns(&t.c, || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(timeout)).unwrap();
+        s.set_write_timeout(Some(timeout)).unwrap();
+        let data: Vec<u8> = (0..PAYLOAD).map(|i| (i * 7 % 251) as u8).collect();
+        let writer = {
+            let mut w = s.try_clone().unwrap();
+            let d = data.clone();
+            std::thread::spawn(move || w.write_all(&d).map_err(|e| format!("write: {e}")))
+        };
+        let mut back = vec![0u8; PAYLOAD];
+        let r = s.read_exact(&mut back).map_err(|e| format!("read: {e}"));
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        writer.join().unwrap()?;
+        r?;
+        if back != data {
+            return Err("the bytes that came back differ".into());
+        }
+        Ok(())
+    })
+}
+
+fn run_fig1(f: &'static Fam) {
+    let t = topology(f);
+    let server = Server::start(&t);
+    let a = t.start(&t.a, "a", t.config(f.a_cluster, true, 0));
+
+    // B outside the cluster: the server's SYN-ACK goes straight to the client, which resets it.
+    let r = exchange(&t, Duration::from_secs(6));
+    assert!(r.is_err(), "without the cluster the request must fail (asymmetric return)");
+
+    // B joins the cluster: the same request succeeds.
+    let b = t.start(&t.b, "b", t.config(f.b_cluster, false, 0));
+    wait("A and B established", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
+    exchange(&t, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("clustered exchange failed: {e}\nA:\n{}\nB:\n{}", a.log(), b.log()));
+    // The data plane publishes its counters every 100 ms.
+    wait("B's encapsulation counter", Duration::from_secs(3), || {
+        metric(&t.b, "lb_dataplane_packets_total{outcome=\"encapsulated\"}") > 100
+    });
+    wait("A's decapsulation counter", Duration::from_secs(3), || {
+        metric(&t.a, "lb_dataplane_packets_total{outcome=\"decapsulated\"}") > 100
+    });
+    assert!(
+        server.peers.lock().unwrap().iter().all(|p| *p == f.client.parse::<IpAddr>().unwrap()),
+        "the proxy spoofed the client"
+    );
+    assert_eq!(server.served.load(Ordering::Relaxed), 1);
+    drop(b);
+    drop(a);
+}
+
+fn run_fig1_delayed_install_and_restart(f: &'static Fam) {
+    let t = topology(f);
+    let _server = Server::start(&t);
+    // A's updates reach B 400 ms late: the server's SYN-ACK beats the INSTALL to B.
+    let a = t.start(&t.a, "a", t.config(f.a_cluster, true, 400));
+    let b = t.start(&t.b, "b", t.config(f.b_cluster, false, 0));
+    wait("A and B established", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
+    exchange(&t, Duration::from_secs(20)).unwrap_or_else(|e| panic!("delayed exchange failed: {e}\nB:\n{}", b.log()));
+    wait("the SYN-ACK held at B", Duration::from_secs(3), || {
+        metric(&t.b, "lb_dataplane_packets_total{outcome=\"held\"}") >= 1
+    });
+    wait("and released by the INSTALL", Duration::from_secs(3), || {
+        metric(&t.b, "lb_dataplane_packets_total{outcome=\"released\"}") >= 1
+    });
+
+    // Restart B: it rejoins, and new connections succeed.
+    drop(b);
+    let b = t.start(&t.b, "b2", t.config(f.b_cluster, false, 0));
+    wait("B rejoined", Duration::from_secs(10), || metric(&t.b, "lb_peers{state=\"established\"}") == 1);
+    exchange(&t, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("exchange after B's restart failed: {e}\nB:\n{}", b.log()));
+    drop(a);
+}
+
+#[test]
+fn fig1_asymmetric_return_ipv4() {
+    run_fig1(&V4);
+}
+
+#[test]
+fn fig1_asymmetric_return_ipv6() {
+    run_fig1(&V6);
+}
+
+#[test]
+fn fig1_delayed_install_is_held_and_restart_rejoins_ipv4() {
+    run_fig1_delayed_install_and_restart(&V4);
+}
