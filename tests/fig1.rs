@@ -158,7 +158,7 @@ impl Topology {
         format!(
             "[node]\naddress = \"{me}\"\n\n[cluster]\nport = 7400\nkeepalive_ms = 200\ntest_send_delay_ms = {delay_ms}\n\
              members = [\"{}\", \"{}\"]\n\n[admin]\nlisten = \"127.0.0.1:9741\"\n\n\
-             [dataplane]\nqueue = 3\nintercept_tcp_ports = [80]\nhold_ms = 1500\nmtu = 1500\n{proxy}",
+             [dataplane]\nqueue = 3\nintercept_tcp_ports = [80]\nhold_ms = 1500\nmtu = 1500\nlinger_ms = 500\nembryonic_ms = 3000\n{proxy}",
             f.a_cluster, f.b_cluster
         )
     }
@@ -332,6 +332,10 @@ fn run_fig1(f: &'static Fam) {
         "the proxy spoofed the client"
     );
     assert_eq!(server.served.load(Ordering::Relaxed), 1);
+    // Both connections (client side and spoofed server side) closed: after the linger A
+    // sends REMOVE and B forgets them.
+    let a_entries = format!("lb_entries{{action=\"forward\",owner=\"{}\"}}", f.a_cluster);
+    wait("REMOVE of A's finished connections at B", Duration::from_secs(10), || metric(&t.b, &a_entries) == 0);
     drop(b);
     drop(a);
 }

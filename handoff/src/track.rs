@@ -1,6 +1,7 @@
 //! Lifetime of local connections, for REMOVE_CONNECTION: a TCP connection ends after a FIN
 //! in each direction or a RST, plus a linger for the last retransmissions; a UDP flow (or an
-//! idle TCP one) ends after an idle timeout.
+//! idle TCP one) ends after an idle timeout; a TCP connection that never heard back from its
+//! destination (a SYN nobody answered) ends after the embryonic timeout.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ struct State {
     installed: Connection,
     fin_from_src: bool,
     fin_from_dst: bool,
+    heard_from_dst: bool,
+    started: Instant,
     closing_since: Option<Instant>,
     last_seen: Instant,
 }
@@ -28,6 +31,8 @@ pub struct TrackConfig {
     pub udp_idle: Duration,
     /// Idle timeout of TCP connections that never close.
     pub tcp_idle: Duration,
+    /// Lifetime of a TCP connection whose destination never answered.
+    pub embryonic: Duration,
 }
 
 impl Default for TrackConfig {
@@ -36,6 +41,7 @@ impl Default for TrackConfig {
             linger: Duration::from_secs(2),
             udp_idle: Duration::from_secs(30),
             tcp_idle: Duration::from_secs(2 * 3600),
+            embryonic: Duration::from_secs(30),
         }
     }
 }
@@ -58,6 +64,8 @@ impl Tracker {
             installed,
             fin_from_src: false,
             fin_from_dst: false,
+            heard_from_dst: false,
+            started: now,
             closing_since: None,
             last_seen: now,
         });
@@ -67,6 +75,9 @@ impl Tracker {
     pub fn observe(&mut self, now: Instant, p: &FlowPacket) {
         let Some(s) = self.flows.get_mut(&flow_key(&p.connection)) else { return };
         s.last_seen = now;
+        if p.connection.src() != s.installed.src() {
+            s.heard_from_dst = true;
+        }
         if p.connection.protocol() != Protocol::Tcp {
             return;
         }
@@ -93,10 +104,9 @@ impl Tracker {
         self.flows.retain(|_, s| {
             let done = match s.closing_since {
                 Some(t) => now.duration_since(t) >= c.linger,
-                None => {
-                    let idle = if s.installed.protocol() == Protocol::Udp { c.udp_idle } else { c.tcp_idle };
-                    now.duration_since(s.last_seen) >= idle
-                }
+                None if s.installed.protocol() == Protocol::Udp => now.duration_since(s.last_seen) >= c.udp_idle,
+                None if !s.heard_from_dst => now.duration_since(s.started) >= c.embryonic,
+                None => now.duration_since(s.last_seen) >= c.tcp_idle,
             };
             if done {
                 out.push(s.installed);
@@ -156,6 +166,7 @@ mod tests {
             linger: Duration::from_secs(2),
             udp_idle: Duration::from_secs(30),
             tcp_idle: Duration::from_secs(60),
+            embryonic: Duration::from_secs(30),
         };
         let mut tr = Tracker::new(cfg);
         let c = seg(true, false, false).connection;
@@ -172,6 +183,10 @@ mod tests {
         tr.observe(t0, &seg(false, false, true));
         assert_eq!(tr.ended(t0 + Duration::from_secs(2)), vec![c], "RST ends it");
         tr.start(t0, c);
+        assert_eq!(tr.ended(t0 + Duration::from_secs(30)), vec![c], "nobody answered the SYN");
+        tr.start(t0, c);
+        tr.observe(t0, &seg(false, false, false));
+        assert!(tr.ended(t0 + Duration::from_secs(59)).is_empty(), "answered: not embryonic");
         assert_eq!(tr.ended(t0 + Duration::from_secs(60)), vec![c], "idle TCP");
     }
 }

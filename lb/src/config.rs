@@ -106,6 +106,12 @@ pub struct Dataplane {
     /// Idle time after which a UDP flow is removed, in milliseconds.
     #[serde(default = "default_udp_idle_ms")]
     pub udp_idle_ms: u64,
+    /// Idle time after which an established TCP connection is removed, in milliseconds.
+    #[serde(default = "default_tcp_idle_ms")]
+    pub tcp_idle_ms: u64,
+    /// Time after which a TCP connection whose destination never answered is removed.
+    #[serde(default = "default_embryonic_ms")]
+    pub embryonic_ms: u64,
     /// Install and remove the netfilter rules (false: print them with `lb rules` and manage
     /// them yourself).
     #[serde(default = "default_true")]
@@ -271,6 +277,12 @@ fn default_linger_ms() -> u64 {
     2000
 }
 fn default_udp_idle_ms() -> u64 {
+    30_000
+}
+fn default_tcp_idle_ms() -> u64 {
+    2 * 3600 * 1000
+}
+fn default_embryonic_ms() -> u64 {
     30_000
 }
 fn default_true() -> bool {
@@ -512,8 +524,11 @@ impl Dataplane {
         for (i, b) in self.bypass.iter().enumerate() {
             parse_cidr(&b.net).map_err(|e| invalid(format!("dataplane.bypass[{i}].net"), e))?;
         }
-        if self.linger_ms == 0 || self.udp_idle_ms == 0 {
-            return Err(invalid("dataplane.linger_ms", "linger_ms and udp_idle_ms must be at least 1"));
+        if self.linger_ms == 0 || self.udp_idle_ms == 0 || self.tcp_idle_ms == 0 || self.embryonic_ms == 0 {
+            return Err(invalid(
+                "dataplane.linger_ms",
+                "linger_ms, udp_idle_ms, tcp_idle_ms and embryonic_ms must be at least 1",
+            ));
         }
         Ok(())
     }

@@ -89,7 +89,8 @@ pub fn start(d: &Dataplane, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
             track: TrackConfig {
                 linger: Duration::from_millis(d.linger_ms),
                 udp_idle: Duration::from_millis(d.udp_idle_ms),
-                ..TrackConfig::default()
+                tcp_idle: Duration::from_millis(d.tcp_idle_ms),
+                embryonic: Duration::from_millis(d.embryonic_ms),
             },
         },
         classifier,
