@@ -251,6 +251,17 @@ impl ConnectionDatabase {
         Some((owner_of(m), action_of(m)))
     }
 
+    /// Starts loading the memory a lookup of `connection` will read (see
+    /// [`crate::table::FlowTable::prefetch`]).
+    #[inline]
+    pub fn prefetch(&self, connection: &Connection) {
+        if connection.is_ipv4() {
+            self.v4.prefetch(&v4_slot(connection, MemberId(0), Action::Forward, 0))
+        } else {
+            self.v6.prefetch(&v6_slot(connection, MemberId(0), Action::Forward, 0))
+        }
+    }
+
     /// Drops every entry of `owner` (a peer that left or died). Returns how many.
     pub fn purge_owner(&self, owner: MemberId) -> usize {
         let n = self.v4.purge(|s| owner_of(s[1]) == owner) + self.v6.purge(|s| owner_of(s[4]) == owner);

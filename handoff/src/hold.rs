@@ -32,13 +32,19 @@ struct Held<T> {
 }
 
 /// Bounded FIFO of held packets, indexed by flow.
+///
+/// Every packet gets a sequence number; the FIFO slot of sequence `s` is `s - head`, so a
+/// release takes exactly its flow's packets without scanning the queue, and released slots
+/// are reclaimed as the head moves past them.
 pub struct HoldQueue<T> {
     hold_time: Duration,
     max_packets: usize,
     max_bytes: usize,
     fifo: VecDeque<Option<Held<T>>>,
-    /// Live packets per flow, to answer "is anything held for this flow" in O(1).
-    index: HashMap<Connection, usize>,
+    /// Sequence number of `fifo[0]`.
+    head: u64,
+    /// Sequence numbers of the live packets of each flow, oldest first.
+    index: HashMap<Connection, Vec<u64>>,
     packets: usize,
     bytes: usize,
     stats: HoldStats,
@@ -61,6 +67,7 @@ impl<T> HoldQueue<T> {
             max_packets: max_packets.max(1),
             max_bytes: max_bytes.max(1),
             fifo: VecDeque::new(),
+            head: 0,
             index: HashMap::new(),
             packets: 0,
             bytes: 0,
@@ -79,7 +86,8 @@ impl<T> HoldQueue<T> {
             }
         }
         let key = flow_key(connection);
-        *self.index.entry(key).or_insert(0) += 1;
+        let seq = self.head + self.fifo.len() as u64;
+        self.index.entry(key).or_default().push(seq);
         self.packets += 1;
         self.bytes += len;
         self.stats.held += 1;
@@ -87,25 +95,28 @@ impl<T> HoldQueue<T> {
         dropped
     }
 
-    fn pop_front(&mut self) -> Option<Held<T>> {
-        while let Some(slot) = self.fifo.pop_front() {
-            if let Some(h) = slot {
-                self.forget(&h);
-                return Some(h);
-            }
+    /// Drops released slots at the head.
+    fn trim(&mut self) {
+        while let Some(None) = self.fifo.front() {
+            self.fifo.pop_front();
+            self.head += 1;
         }
-        None
     }
 
-    fn forget(&mut self, h: &Held<T>) {
+    fn pop_front(&mut self) -> Option<Held<T>> {
+        self.trim();
+        let h = self.fifo.pop_front()??;
+        let seq = self.head;
+        self.head += 1;
         self.packets -= 1;
         self.bytes -= h.len;
-        if let Some(n) = self.index.get_mut(&h.key) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(seqs) = self.index.get_mut(&h.key) {
+            seqs.retain(|&s| s != seq);
+            if seqs.is_empty() {
                 self.index.remove(&h.key);
             }
         }
+        Some(h)
     }
 
     /// True when packets of this connection (either direction) are held.
@@ -115,34 +126,26 @@ impl<T> HoldQueue<T> {
 
     /// Takes every held packet of `connection`, in arrival order (an INSTALL arrived).
     pub fn release(&mut self, connection: &Connection) -> Vec<T> {
-        let key = flow_key(connection);
-        let Some(&n) = self.index.get(&key) else { return Vec::new() };
-        let mut out = Vec::with_capacity(n);
-        for slot in self.fifo.iter_mut() {
-            if slot.as_ref().is_some_and(|h| h.key == key) {
-                out.push(slot.take().expect("checked"));
-                if out.len() == n {
-                    break;
-                }
+        let Some(seqs) = self.index.remove(&flow_key(connection)) else { return Vec::new() };
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if let Some(h) = self.fifo.get_mut((seq - self.head) as usize).and_then(Option::take) {
+                self.packets -= 1;
+                self.bytes -= h.len;
+                out.push(h.packet);
             }
         }
-        for h in &out {
-            self.packets -= 1;
-            self.bytes -= h.len;
-        }
-        self.index.remove(&key);
         self.stats.released += out.len() as u64;
-        out.into_iter().map(|h| h.packet).collect()
+        self.trim();
+        out
     }
 
     /// Takes the packets whose hold time is over, oldest first, for re-classification.
     pub fn expired(&mut self, now: Instant) -> Vec<T> {
         let mut out = Vec::new();
         loop {
+            self.trim();
             match self.fifo.front() {
-                Some(None) => {
-                    self.fifo.pop_front();
-                }
                 Some(Some(h)) if h.deadline <= now => {
                     let h = self.pop_front().expect("front is live");
                     self.stats.expired += 1;
@@ -155,9 +158,7 @@ impl<T> HoldQueue<T> {
 
     /// When the oldest held packet expires.
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        while let Some(None) = self.fifo.front() {
-            self.fifo.pop_front();
-        }
+        self.trim();
         self.fifo.front().and_then(|s| s.as_ref()).map(|h| h.deadline)
     }
 
@@ -179,6 +180,11 @@ impl<T> HoldQueue<T> {
     /// Outcome counters.
     pub fn stats(&self) -> HoldStats {
         self.stats
+    }
+
+    /// Slots in the FIFO, live or released (for tests: released slots must not pile up).
+    pub fn slots(&self) -> usize {
+        self.fifo.len()
     }
 }
 
@@ -227,5 +233,20 @@ mod tests {
         q.push(t, &c(2), 1, 2);
         assert_eq!(q.push(t, &c(3), 1, 3), vec![1]);
         assert!(!q.is_holding(&c(1)));
+    }
+
+    #[test]
+    fn released_slots_do_not_pile_up() {
+        let t = Instant::now();
+        let mut q = HoldQueue::new(Duration::from_secs(1), 100, 1 << 20);
+        q.push(t, &c(0), 1, 0); // stays held throughout
+        for i in 1..10_000u16 {
+            q.push(t, &c(i), 1, i);
+            assert_eq!(q.release(&c(i)), vec![i]);
+        }
+        assert_eq!(q.len(), 1);
+        assert!(q.slots() <= 10_000, "bounded by what was pushed since the oldest live packet");
+        assert_eq!(q.release(&c(0)), vec![0]);
+        assert_eq!(q.slots(), 0, "everything reclaimed once the head is released");
     }
 }
