@@ -107,13 +107,16 @@ fn transfer(snd: &Netns, rcv: &Netns) -> Duration {
 }
 
 fn kernel_path(c: &mut Criterion) {
-    let (snd, mid, rcv) = (Netns::new("kps").expect("ns"), Netns::new("kpm").expect("ns"), Netns::new("kpr").expect("ns"));
+    let (snd, mid, rcv) =
+        (Netns::new("kps").expect("ns"), Netns::new("kpm").expect("ns"), Netns::new("kpr").expect("ns"));
     veth(&snd, "s0", &mid, "m0").expect("veth");
     veth(&mid, "m1", &rcv, "r0").expect("veth");
     snd.sh("ip addr add 198.18.10.2/24 dev s0 && ip route add default via 198.18.10.1").expect("snd");
     rcv.sh("ip addr add 198.18.11.2/24 dev r0 && ip route add default via 198.18.11.1").expect("rcv");
-    mid.sh("ip addr add 198.18.10.1/24 dev m0 && ip addr add 198.18.11.1/24 dev m1 && sysctl -qw net.ipv4.ip_forward=1")
-        .expect("mid");
+    mid.sh(
+        "ip addr add 198.18.10.1/24 dev m0 && ip addr add 198.18.11.1/24 dev m1 && sysctl -qw net.ipv4.ip_forward=1",
+    )
+    .expect("mid");
     for (ns, dev) in [(&snd, "s0"), (&mid, "m0"), (&mid, "m1"), (&rcv, "r0")] {
         ns.sh(&format!("ethtool -K {dev} tso off gso off gro off >/dev/null 2>&1 || true")).expect("ethtool");
     }
