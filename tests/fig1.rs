@@ -188,6 +188,21 @@ impl Topology {
 }
 
 impl Member {
+    /// SIGTERM, and wait (bounded) for a clean exit.
+    fn terminate(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "lb exits 0 on SIGTERM: {status:?}\n{}", self.log());
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "lb did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -309,7 +324,7 @@ fn exchange(t: &Topology, timeout: Duration) -> Result<(), String> {
 fn run_fig1(f: &'static Fam) {
     let t = topology(f);
     let server = Server::start(&t);
-    let a = t.start(&t.a, "a", t.config(f.a_cluster, true, 0));
+    let mut a = t.start(&t.a, "a", t.config(f.a_cluster, true, 0));
 
     // B outside the cluster: the server's SYN-ACK goes straight to the client, which resets it.
     let r = exchange(&t, Duration::from_secs(6));
@@ -335,9 +350,37 @@ fn run_fig1(f: &'static Fam) {
     // Both connections (client side and spoofed server side) closed: after the linger A
     // sends REMOVE and B forgets them.
     let a_entries = format!("lb_entries{{action=\"forward\",owner=\"{}\"}}", f.a_cluster);
-    wait("REMOVE of A's finished connections at B", Duration::from_secs(10), || metric(&t.b, &a_entries) == 0);
+    let t0 = Instant::now();
+    while metric(&t.b, &a_entries) != 0 {
+        if t0.elapsed() > Duration::from_secs(10) {
+            let flows = in_ns(&t.b, || {
+                lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/flows", None).unwrap().1
+            });
+            let a_flows = in_ns(&t.a, || {
+                lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/flows", None).unwrap().1
+            });
+            panic!(
+                "A's finished connections were not removed at B:\nB /flows: {flows}\nA /flows: {a_flows}\nA log:\n{}",
+                a.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(b);
-    drop(a);
+    // SIGTERM: A removes every rule it installed (data plane chains, TPROXY, policy routing).
+    let iptables = if f.v6 { "ip6tables" } else { "iptables" };
+    let before =
+        t.a.sh(&format!("{iptables} -t raw -S; {iptables} -t mangle -S; ip {} rule", if f.v6 { "-6" } else { "-4" }))
+            .unwrap();
+    assert!(before.contains("LB-PRE") && before.contains("TPROXY") && before.contains("lookup 100"), "{before}");
+    a.terminate();
+    let after =
+        t.a.sh(&format!("{iptables} -t raw -S; {iptables} -t mangle -S; ip {} rule", if f.v6 { "-6" } else { "-4" }))
+            .unwrap();
+    assert!(
+        !after.contains("LB-") && !after.contains("TPROXY") && !after.contains("lookup 100"),
+        "left behind:\n{after}"
+    );
 }
 
 fn run_fig1_delayed_install_and_restart(f: &'static Fam) {
