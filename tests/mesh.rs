@@ -235,3 +235,77 @@ async fn twenty_members_with_20k_connections_each_converge() {
         m.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// Counts flood-guard refusals.
+#[derive(Default)]
+struct Refusals(std::sync::atomic::AtomicUsize);
+
+impl cluster_proto::mesh::MeshObserver for Refusals {
+    fn on_event(&self, e: &cluster_proto::mesh::MeshEvent) {
+        if matches!(e, cluster_proto::mesh::MeshEvent::InstallRefused { reason: "entry_limit", .. }) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_guard_caps_the_entries_of_one_member() {
+    let port = free_port();
+    let addrs = [lo(71), lo(72)];
+    let refusals = Arc::new(Refusals::default());
+    let mut cfg = MeshConfig::uniform(addrs[0], port, &addrs, session(100), Retries::Infinite);
+    cfg.max_entries_per_member = 100;
+    let a = Mesh::start(cfg, refusals.clone()).await.unwrap();
+    let b = start(addrs[1], port, &addrs).await;
+    for i in 0..150 {
+        b.install(conn(72, i), Action::Forward);
+    }
+    wait_until_async("refusals counted", Duration::from_secs(5), || {
+        refusals.0.load(std::sync::atomic::Ordering::Relaxed) == 50
+    })
+    .await;
+    assert_eq!(a.database().len(), 100, "the cap holds");
+    // Removes free room again.
+    for i in 0..10 {
+        b.remove(&conn(72, i));
+    }
+    b.install(conn(72, 1000), Action::Forward);
+    wait_until_async("room after removes", Duration::from_secs(5), || a.database().lookup(&conn(72, 1000)).is_some())
+        .await;
+    a.shutdown(Duration::from_secs(1)).await;
+    b.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_is_cut_off_without_holding_back_the_others() {
+    let port = free_port();
+    let addrs = [lo(81), lo(82), lo(83)];
+    let mut cfg = MeshConfig::uniform(addrs[0], port, &addrs, session(1000), Retries::Infinite);
+    cfg.send_queue = 256;
+    cfg.max_pending_bytes = 64 << 10;
+    let a = Mesh::start(cfg, Arc::new(NoObserver)).await.unwrap();
+    let c = start(addrs[2], port, &addrs).await;
+    // Member 82 joins by hand and then never reads.
+    let mut stalled = RawPeer::connect(addrs[1], SocketAddr::new(addrs[0], port));
+    stalled.send(&[3, 1, 1, 0]);
+    assert_eq!(stalled.read(4), [3, 1, 1, 0]);
+    wait_until_async("c joined", Duration::from_secs(5), || {
+        a.peers().iter().filter(|p| p.state == PeerState::Established).count() == 2
+    })
+    .await;
+    let mut n = 0;
+    while a.peers().iter().find(|p| p.address == addrs[1]).unwrap().channels_lost == 0 {
+        assert!(n < 2_000_000, "the stalled peer was never cut off");
+        for _ in 0..1000 {
+            a.install(conn(81, n), Action::Forward);
+            n += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    let pb = a.peers().into_iter().find(|p| p.address == addrs[1]).unwrap();
+    assert_eq!(pb.last_close.as_deref(), Some("left_stalled"));
+    // The other member got every update.
+    wait_until_async("c has everything", Duration::from_secs(30), || c.database().len() == n).await;
+    a.shutdown(Duration::from_secs(1)).await;
+    c.shutdown(Duration::from_secs(1)).await;
+}

@@ -161,6 +161,13 @@ pub struct Cluster {
     /// Accepted channels that have not sent PEER_JOIN yet, at most.
     #[serde(default = "default_pending_joins")]
     pub max_pending_joins: usize,
+    /// Entries one peer may own here; further INSTALLs from it are refused and counted.
+    #[serde(default = "default_max_entries")]
+    pub max_entries_per_member: usize,
+    /// INSTALLs per second accepted from one peer once a burst of max_entries_per_member is
+    /// used up.
+    #[serde(default = "default_install_rate")]
+    pub max_install_rate: u32,
     /// Test aid: delay every update this member sends by this many milliseconds, to
     /// emulate a long-distance cluster. Leave at 0 in production.
     #[serde(default)]
@@ -237,6 +244,12 @@ impl<'de> Deserialize<'de> for RetriesSetting {
     }
 }
 
+fn default_max_entries() -> usize {
+    4_000_000
+}
+fn default_install_rate() -> u32 {
+    1_000_000
+}
 fn default_mark() -> u32 {
     1
 }
@@ -405,6 +418,12 @@ impl Config {
         if c.send_queue < 1024 {
             return Err(invalid("cluster.send_queue", format!("must be at least 1024 messages, got {}", c.send_queue)));
         }
+        if c.max_entries_per_member == 0 || c.max_install_rate == 0 {
+            return Err(invalid(
+                "cluster.max_entries_per_member",
+                "max_entries_per_member and max_install_rate must be at least 1",
+            ));
+        }
         if c.max_pending_joins == 0 {
             return Err(invalid("cluster.max_pending_joins", "must be at least 1"));
         }
@@ -484,6 +503,9 @@ impl Config {
             backoff_max: Duration::from_secs(2).max(keepalive),
             max_pending_joins: c.max_pending_joins,
             send_delay: Duration::from_millis(c.test_send_delay_ms.min(10_000)),
+            max_entries_per_member: c.max_entries_per_member,
+            max_install_rate: c.max_install_rate,
+            max_pending_bytes: 8 << 20,
         })
     }
 }

@@ -23,6 +23,7 @@ pub struct Metrics {
     peer_down: IntCounterVec,
     conflicts: IntCounterVec,
     refused: IntCounterVec,
+    installs_refused: IntCounterVec,
     table_sync: Histogram,
     database_bytes: IntGauge,
     dataplane: std::sync::Mutex<Option<Arc<std::sync::Mutex<handoff::driver::DriverStats>>>>,
@@ -70,6 +71,11 @@ impl Metrics {
             &["kind"],
         );
         let refused = cv("lb_channels_refused_total", "Channels closed before a join, by reason.", &["reason"]);
+        let installs_refused = cv(
+            "lb_installs_refused_total",
+            "INSTALLs refused by the flood guard (entry_limit, rate_limit), by peer.",
+            &["peer", "reason"],
+        );
         let table_sync = must(Histogram::with_opts(
             HistogramOpts::new("lb_table_sync_seconds", "Time to hand this member's table to a joining peer.")
                 .buckets(vec![0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
@@ -97,6 +103,7 @@ impl Metrics {
             peer_down,
             conflicts,
             refused,
+            installs_refused,
             table_sync,
             database_bytes,
             dataplane: Default::default(),
@@ -192,6 +199,9 @@ impl MeshObserver for Metrics {
             }
             MeshEvent::OwnershipConflict { kind, .. } => self.conflicts.with_label_values(&[kind]).inc(),
             MeshEvent::ChannelRefused { reason, .. } => self.refused.with_label_values(&[reason]).inc(),
+            MeshEvent::InstallRefused { peer, reason } => {
+                self.installs_refused.with_label_values(&[peer.to_string().as_str(), reason]).inc()
+            }
         }
     }
 }

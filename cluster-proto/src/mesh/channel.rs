@@ -14,9 +14,6 @@ use crate::database::{InstallOutcome, MemberId, RemoveOutcome};
 use crate::session::{Admission, CloseReason, Counters, Event, Role, Session};
 use crate::wire::ErrorCode;
 
-/// Above this many queued bytes the channel stops taking updates from its queue, so a peer
-/// that does not read fills the queue and is declared stalled.
-const HIGH_WATER: usize = 8 << 20;
 /// Messages taken from the queue in one go.
 const BATCH: usize = 4096;
 
@@ -31,6 +28,39 @@ pub(super) enum Outcome {
     Rejected(ErrorCode),
     /// It closed before joining.
     Failed(&'static str),
+}
+
+/// Per-channel flood guard: an entry cap per owner and a token bucket on INSTALLs whose
+/// burst is the cap, so a full table sync passes and a sustained flood does not.
+struct FloodGuard {
+    tokens: f64,
+    last: Instant,
+}
+
+impl FloodGuard {
+    fn new(inner: &Inner) -> Self {
+        FloodGuard { tokens: inner.config.max_entries_per_member as f64, last: Instant::now() }
+    }
+
+    fn refuse(&mut self, inner: &Inner, p: MemberId, now: Instant) -> Option<&'static str> {
+        if entries_of(inner, p) >= inner.config.max_entries_per_member {
+            return Some("entry_limit");
+        }
+        let cap = inner.config.max_entries_per_member as f64;
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * inner.config.max_install_rate as f64).min(cap);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return Some("rate_limit");
+        }
+        self.tokens -= 1.0;
+        None
+    }
+}
+
+/// Entries `p` owns in the database.
+fn entries_of(inner: &Inner, p: MemberId) -> usize {
+    inner.db.count_of(p, crate::flow::Action::Forward) + inner.db.count_of(p, crate::flow::Action::Bypass)
 }
 
 /// Hands one queued update to the session.
@@ -92,6 +122,7 @@ pub(super) async fn run(
     let mut counted = Counters::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut reason = CloseReason::TransportClosed;
+    let mut guard = FloodGuard::new(&inner);
     // Test aid: outgoing updates wait this long, as over a long-distance link.
     let delay = inner.config.send_delay;
     let mut delayed: std::collections::VecDeque<(Instant, Outgoing)> = std::collections::VecDeque::new();
@@ -144,6 +175,10 @@ pub(super) async fn run(
                     let p = peer.expect("members only");
                     let slot = inner.slot(p);
                     if slot.current.as_ref().map(|c| c.channel) == Some(channel) {
+                        if let Some(reason) = guard.refuse(&inner, p, now) {
+                            inner.observer.on_event(&MeshEvent::InstallRefused { peer: remote, reason });
+                            continue;
+                        }
                         let outcome = inner.db.install(&connection, p, action);
                         if let Some(listener) = inner.install_listener.load().as_ref() {
                             listener(&connection);
@@ -209,7 +244,9 @@ pub(super) async fn run(
         }
         let deadline = s.poll_timeout().expect("open sessions have a timer");
         let want_write = s.pending_bytes() > 0;
-        let can_take = current && s.pending_bytes() < HIGH_WATER;
+        // Above this many queued bytes the channel stops taking updates from its queue, so a
+        // peer that does not read fills the queue and is declared stalled.
+        let can_take = current && s.pending_bytes() < inner.config.max_pending_bytes;
         tokio::select! {
             biased;
             _ = close.notify.notified() => {

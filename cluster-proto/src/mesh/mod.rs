@@ -67,6 +67,15 @@ pub struct MeshConfig {
     pub backoff_max: Duration,
     /// Channels accepted but not yet joined, at most.
     pub max_pending_joins: usize,
+    /// Entries one peer may own in this member's database; further INSTALLs are refused
+    /// (a flood guard, like Katran's cap on new flows).
+    pub max_entries_per_member: usize,
+    /// INSTALLs per second accepted from one peer after a burst of `max_entries_per_member`
+    /// (so a full table sync always passes); further ones are refused.
+    pub max_install_rate: u32,
+    /// Bytes queued to one peer's socket before its queue is no longer drained (so a peer
+    /// that does not read is declared stalled once its queue fills).
+    pub max_pending_bytes: usize,
     /// Delay added to every update sent to peers: a test aid that emulates a long-distance
     /// cluster (INSTALLs late at the peers). Zero in production.
     pub send_delay: Duration,
@@ -188,6 +197,9 @@ impl MeshConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             max_pending_joins: 64,
+            max_entries_per_member: 4_000_000,
+            max_install_rate: 1_000_000,
+            max_pending_bytes: 8 << 20,
             send_delay: Duration::ZERO,
         }
     }

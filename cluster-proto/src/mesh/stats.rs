@@ -116,6 +116,13 @@ pub enum MeshEvent {
         /// "remove_not_owner" or "install_replaced".
         kind: &'static str,
     },
+    /// An INSTALL was refused by the flood guard.
+    InstallRefused {
+        /// The sender.
+        peer: IpAddr,
+        /// "entry_limit" or "rate_limit".
+        reason: &'static str,
+    },
     /// A channel was refused before or at the join for a reason other than a reject
     /// (garbage, wrong first message, timeout, too many pending joins).
     ChannelRefused {
