@@ -206,3 +206,27 @@ fn pcap_replay_gives_the_same_verdicts() {
     }
     assert_eq!(verdicts, ["encapsulate", "encapsulate", "hold"]);
 }
+
+// The stable-toolchain twin of fuzz/fuzz_targets/packet_classify.rs.
+proptest::proptest! {
+    #[test]
+    fn arbitrary_packets_never_panic_the_engine(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), v6 in proptest::prelude::any::<bool>()) {
+        let now = Instant::now();
+        let mut a = Member::new(A);
+        let c = conn();
+        a.db.install(&c, B, Action::Forward);
+        let mut data = bytes;
+        // Give half the cases a plausible IP header so the deeper paths are reached.
+        if !data.is_empty() {
+            data[0] = if v6 { 0x60 } else { 0x45 };
+        }
+        for hook in [Hook::Prerouting, Hook::Output] {
+            a.step(now, data.clone(), hook);
+        }
+        let view = View { me: A, local: &a.local, db: &a.db, live: LIVE };
+        let mut out = Vec::new();
+        a.engine.handle_tunnel(now, &view, "198.18.0.2".parse().unwrap(), &data, &mut out);
+        a.engine.on_install(now, &view, &c, &mut out);
+        a.engine.poll(now + Duration::from_secs(1), &view, &mut out);
+    }
+}

@@ -443,3 +443,47 @@ fn leave_purges_at_once() {
     assert_eq!(c.members[0].db.len(), 0);
     assert_eq!(c.members[1].db.len(), 0);
 }
+
+// The stable-toolchain twin of fuzz/fuzz_targets/session_frames.rs.
+proptest::proptest! {
+    #[test]
+    fn arbitrary_frames_never_panic_nor_speak_after_close(
+        mode in 0u8..4,
+        chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24), 0..40),
+        // Valid messages mixed in, so the fuzzing reaches the joined states.
+        prefix_join in proptest::prelude::any::<bool>(),
+    ) {
+        let role = if mode & 1 == 0 { Role::Acceptor } else { Role::Initiator };
+        let admission = if mode & 2 == 0 { Admission::Member } else { Admission::NotMember };
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut s = Session::new(role, admission, cfg(), now);
+        let mut closed = false;
+        if prefix_join {
+            s.handle_bytes(now, &[3, 1, 1, 0]);
+        }
+        for chunk in chunks {
+            s.handle_bytes(now, &chunk);
+            while let Some(e) = s.poll_event() {
+                proptest::prop_assert!(!closed, "event after close: {:?}", e);
+                match e {
+                    Event::JoinRequested => s.accept(now),
+                    Event::Joined => s.send_table(now, &[]),
+                    Event::Install { .. } | Event::Remove { .. } => proptest::prop_assert_eq!(admission, Admission::Member),
+                    Event::Closed(_) => closed = true,
+                    Event::Established => {}
+                }
+            }
+            if let Some(b) = s.poll_transmit() {
+                let n = b.len();
+                s.advance_transmit(n);
+            }
+            now += Duration::from_millis(37);
+            if let Some(t) = s.poll_timeout() {
+                if t <= now {
+                    s.handle_timeout(now);
+                }
+            }
+        }
+    }
+}
