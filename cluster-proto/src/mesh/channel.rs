@@ -2,11 +2,12 @@
 
 use std::io::Read;
 use std::net::IpAddr;
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::{CloseSignal, Inner, MeshEvent, Outgoing, PeerState};
@@ -99,16 +100,21 @@ impl Drop for ActiveGuard {
 
 /// Runs the channel until it closes. `peer` is `None` for a stranger (accepted only to be
 /// rejected); `pending` is released once the join completes.
-pub(super) async fn run(
+pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     inner: Arc<Inner>,
-    stream: TcpStream,
+    stream: S,
+    raw: Option<RawFd>,
     role: Role,
     peer: Option<MemberId>,
     remote: IpAddr,
     mut pending: Option<OwnedSemaphorePermit>,
 ) -> Outcome {
     let _active = ActiveGuard::new(&inner);
-    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    // A copy of the head of the session's unsent bytes, being written; the session is told
+    // only what the transport took.
+    let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut need_flush = false;
     let admission = if peer.is_some() { Admission::Member } else { Admission::NotMember };
     let mut s = Session::new(role, admission, inner.session_config(peer), Instant::now());
     let channel = inner.next_channel.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +249,11 @@ pub(super) async fn run(
             break 'run;
         }
         let deadline = s.poll_timeout().expect("open sessions have a timer");
-        let want_write = s.pending_bytes() > 0;
+        if wbuf.is_empty() {
+            if let Some(bytes) = s.poll_transmit() {
+                wbuf.extend_from_slice(&bytes[..bytes.len().min(64 * 1024)]);
+            }
+        }
         // Above this many queued bytes the channel stops taking updates from its queue, so a
         // peer that does not read fills the queue and is declared stalled.
         let can_take = current && s.pending_bytes() < inner.config.max_pending_bytes;
@@ -259,31 +269,27 @@ pub(super) async fn run(
                 }
                 s.leave(Instant::now(), ErrorCode::NONE);
             }
-            r = stream.writable(), if want_write => {
-                if r.is_ok() {
-                    if let Some(bytes) = s.poll_transmit() {
-                        match stream.try_write(bytes) {
-                            Ok(n) => s.advance_transmit(n),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(_) => s.transport_closed(),
-                        }
-                    }
+            // One write-side operation at a time: write the head of the unsent bytes, or
+            // flush (TLS records) once they are all written. Each is cancel-safe.
+            r = async {
+                if wbuf.is_empty() {
+                    wr.flush().await.map(|_| None)
                 } else {
-                    s.transport_closed();
+                    wr.write(&wbuf).await.map(Some)
                 }
-            }
-            r = stream.readable() => {
-                if r.is_ok() {
-                    match stream.try_read(&mut buf) {
-                        Ok(0) => s.transport_closed(),
-                        Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => s.transport_closed(),
-                    }
-                } else {
-                    s.transport_closed();
+            }, if !wbuf.is_empty() || need_flush => match r {
+                Ok(Some(0)) | Err(_) => s.transport_closed(),
+                Ok(Some(n)) => {
+                    s.advance_transmit(n);
+                    wbuf.drain(..n);
+                    need_flush = true;
                 }
-            }
+                Ok(None) => need_flush = false,
+            },
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => s.transport_closed(),
+                Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
+            },
             cmd = rx.recv(), if can_take => {
                 let now = Instant::now();
                 let mut next = cmd;
@@ -310,13 +316,18 @@ pub(super) async fn run(
                 // waiting in the socket: read them first, so a busy member does not declare
                 // a live peer dead. The read goes straight to the (non-blocking) socket,
                 // since tokio's readiness may not have caught up with it yet.
-                let sock = socket2::SockRef::from(&stream);
-                loop {
-                    match (&*sock).read(&mut buf) {
-                        Ok(0) => { s.transport_closed(); break; }
-                        Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(_) => { s.transport_closed(); break; }
+                // (Plain TCP only: a TLS stream's bytes must go through TLS.)
+                if let Some(fd) = raw {
+                    // SAFETY: the descriptor belongs to the stream, alive for this whole
+                    // function; ManuallyDrop keeps this borrowed socket from closing it.
+                    let sock = std::mem::ManuallyDrop::new(unsafe { socket2::Socket::from_raw_fd(fd) });
+                    loop {
+                        match (&*sock).read(&mut buf) {
+                            Ok(0) => { s.transport_closed(); break; }
+                            Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(_) => { s.transport_closed(); break; }
+                        }
                     }
                 }
                 s.handle_timeout(Instant::now());
@@ -328,20 +339,18 @@ pub(super) async fn run(
     if !inner.killed.load(Ordering::Acquire) {
         let flush = async {
             while let Some(bytes) = s.poll_transmit() {
-                if stream.writable().await.is_err() {
-                    break;
-                }
-                match stream.try_write(bytes) {
+                match wr.write(bytes).await {
+                    Ok(0) | Err(_) => break,
                     Ok(n) => s.advance_transmit(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
                 }
             }
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
         inner.messages.add_delta(s.counters(), &mut counted);
     }
-    drop(stream);
+    drop((rd, wr));
     if let Some(p) = peer {
         if current {
             inner.channel_closed(p, channel, reason.name());

@@ -1,6 +1,7 @@
 //! The listener on the cluster port and the per-member dialers.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,7 +53,9 @@ pub(super) async fn listen(inner: Arc<Inner>, listener: TcpListener) {
             continue;
         };
         let peer = inner.member_id(remote).filter(|&p| p != inner.me);
-        tokio::spawn(channel::run(inner.clone(), stream, Role::Acceptor, peer, remote, Some(permit)));
+        let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
+        tokio::spawn(channel::run(inner.clone(), stream, Some(fd), Role::Acceptor, peer, remote, Some(permit)));
     }
 }
 
@@ -102,7 +105,9 @@ pub(super) async fn dial(inner: Arc<Inner>, peer: MemberId) {
         };
         let outcome = match attempt {
             Ok(Ok(stream)) => {
-                channel::run(inner.clone(), stream, Role::Initiator, Some(peer), member.address, None).await
+                let _ = stream.set_nodelay(true);
+                let fd = stream.as_raw_fd();
+                channel::run(inner.clone(), stream, Some(fd), Role::Initiator, Some(peer), member.address, None).await
             }
             Ok(Err(e)) => {
                 tracing::debug!(peer = %member.address, error = %e, "connect failed");
