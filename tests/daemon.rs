@@ -50,7 +50,7 @@ fn config(me: IpAddr, port: u16, members: &[IpAddr], admin: SocketAddr, keepaliv
     let list: Vec<String> = members.iter().map(|m| format!("\"{m}\"")).collect();
     format!(
         "[node]\naddress = \"{me}\"\n\n[cluster]\nport = {port}\nversion = 1\nkeepalive_ms = {keepalive_ms}\ndead_after = 3\n\
-         connect_retries = \"infinite\"\nmembers = [{}]\n\n[admin]\nlisten = \"{admin}\"\n",
+         connect_retries = \"infinite\"\nplaintext = true\nmembers = [{}]\n\n[admin]\nlisten = \"{admin}\"\n",
         list.join(", ")
     )
 }
@@ -247,12 +247,18 @@ fn cli_flows_peers_install_remove_and_metrics() {
 fn bad_configuration_is_refused_with_the_key() {
     let dir = TempDir::new("badcfg");
     let cases = [
-        ("[node]\naddress = \"127.0.0.1\"\n[cluster]\nmembers = [\"127.0.0.1\"]\nkeepalive = 5\n", "keepalive"),
         (
-            "[node]\naddress = \"127.0.0.1\"\n[cluster]\nmembers = [\"127.0.0.1\"]\ndead_after = 0\n",
+            "[node]\naddress = \"127.0.0.1\"\n[cluster]\nplaintext = true\nmembers = [\"127.0.0.1\"]\nkeepalive = 5\n",
+            "keepalive",
+        ),
+        (
+            "[node]\naddress = \"127.0.0.1\"\n[cluster]\nplaintext = true\nmembers = [\"127.0.0.1\"]\ndead_after = 0\n",
             "cluster.dead_after",
         ),
-        ("[node]\naddress = \"127.0.0.1\"\n[cluster]\nmembers = [\"127.0.0.2\"]\n", "cluster.members"),
+        (
+            "[node]\naddress = \"127.0.0.1\"\n[cluster]\nplaintext = true\nmembers = [\"127.0.0.2\"]\n",
+            "cluster.members",
+        ),
         ("[node]\naddress = \"127.0.0.1\"\n[cluster\nmembers = []\n", "line 3"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
@@ -280,4 +286,48 @@ fn independent_v1_implementation_interoperates() {
     assert!(out.status.success(), "interop checks failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(" 0 failed"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+#[test]
+fn tls_cluster_from_gen_certs() {
+    let dir = TempDir::new("tls");
+    let port = free_port();
+    let addrs = [lo(61), lo(62)];
+    let list = format!("{},{}", addrs[0], addrs[1]);
+    let out = lb_cli(&["gen-certs", "--out", dir.0.to_str().unwrap(), "--members", &list]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut daemons = Vec::new();
+    for &a in &addrs {
+        let admin = SocketAddr::new(a, free_port());
+        let cfg = format!(
+            "[node]\naddress = \"{a}\"\n[cluster]\nport = {port}\nkeepalive_ms = 200\nmembers = [\"{}\", \"{}\"]\n\
+             [admin]\nlisten = \"{admin}\"\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{a}.pem\"\nkey = \"{d}/{a}.key\"\n",
+            addrs[0],
+            addrs[1],
+            d = dir.0.display()
+        );
+        let path = dir.0.join(format!("{a}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        let log = dir.0.join(format!("{a}.log"));
+        let child = Command::new(LB)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, admin, log, _dir: TempDir::new("tls-d") };
+        wait_until("admin up", Duration::from_secs(10), || lb::client::request(d.admin, "GET", "/peers", None).is_ok());
+        daemons.push(d);
+    }
+    daemons[1].install("tcp", "192.0.2.1:1", "198.51.100.1:2", "forward");
+    wait_until("entry over TLS", Duration::from_secs(10), || daemons[0].flows("").total == 1);
+    assert!(!daemons[0].log().contains("plaintext"), "no plaintext warning with [tls]");
+    // Without [tls] and without plaintext = true, lb refuses to start.
+    let bare = dir.0.join("bare.toml");
+    std::fs::write(&bare, "[node]\naddress = \"127.0.0.1\"\n[cluster]\nmembers = [\"127.0.0.1\"]\n").unwrap();
+    let out = Command::new(LB).args(["run", "--config"]).arg(&bare).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no [tls] section"));
 }

@@ -156,7 +156,7 @@ impl Topology {
             String::new()
         };
         format!(
-            "[node]\naddress = \"{me}\"\n\n[cluster]\nport = 7400\nkeepalive_ms = 200\ntest_send_delay_ms = {delay_ms}\n\
+            "[node]\naddress = \"{me}\"\n\n[cluster]\nport = 7400\nkeepalive_ms = 200\ntest_send_delay_ms = {delay_ms}\nplaintext = true\n\
              members = [\"{}\", \"{}\"]\n\n[admin]\nlisten = \"127.0.0.1:9741\"\n\n\
              [dataplane]\nqueue = 3\nintercept_tcp_ports = [80]\nhold_ms = 1500\nmtu = 1500\nlinger_ms = 500\nembryonic_ms = 3000\n{proxy}",
             f.a_cluster, f.b_cluster

@@ -32,6 +32,20 @@ pub struct Config {
     pub dataplane: Option<Dataplane>,
     /// `[proxy]`: the built-in transparent TCP proxy; absent means none.
     pub proxy: Option<ProxySection>,
+    /// `[tls]`: mutual TLS on the control channel.
+    pub tls: Option<TlsSection>,
+}
+
+/// `[tls]`: the member's credentials for the mutual-TLS control channel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file with the cluster CA certificate(s).
+    pub ca: std::path::PathBuf,
+    /// PEM file with this member's certificate (its SAN is the member's cluster address).
+    pub cert: std::path::PathBuf,
+    /// PEM file with this member's private key.
+    pub key: std::path::PathBuf,
 }
 
 /// `[proxy]`: the on-box transparent proxy (TPROXY listener, optional client spoofing).
@@ -172,6 +186,10 @@ pub struct Cluster {
     /// emulate a long-distance cluster. Leave at 0 in production.
     #[serde(default)]
     pub test_send_delay_ms: u64,
+    /// Speak the paper's unauthenticated plaintext format (needed when there is no [tls]
+    /// section; anyone who can reach the port can then install state: logged as a warning).
+    #[serde(default)]
+    pub plaintext: bool,
     /// Every member's cluster address, this one included.
     pub members: Vec<IpAddr>,
     /// Per-member overrides, keyed by address: `[cluster.member."192.0.2.2"]`.
@@ -381,6 +399,19 @@ impl Config {
         if let Some(d) = &c.dataplane {
             d.validate()?;
         }
+        match (&c.tls, c.cluster.plaintext) {
+            (None, false) => {
+                return Err(invalid(
+                    "tls",
+                    "no [tls] section: configure mutual TLS (see lb gen-certs and docs/security.md) \
+                     or set cluster.plaintext = true to speak the paper's unauthenticated format",
+                ))
+            }
+            (Some(_), true) => {
+                return Err(invalid("cluster.plaintext", "cannot be true together with a [tls] section"))
+            }
+            _ => {}
+        }
         if let Some(p) = &c.proxy {
             if p.intercept_tcp_ports.is_empty() || p.intercept_tcp_ports.contains(&0) {
                 return Err(invalid("proxy.intercept_tcp_ports", "list the TCP ports to intercept (1-65535)"));
@@ -399,6 +430,18 @@ impl Config {
             }
         }
         Ok(c)
+    }
+
+    /// Reads the [tls] files into the mesh's TLS settings (`None` for plaintext).
+    pub fn tls_settings(&self) -> Result<Option<std::sync::Arc<cluster_proto::mesh::tls::TlsSettings>>, ConfigError> {
+        let Some(t) = &self.tls else { return Ok(None) };
+        let read = |key: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| invalid(format!("tls.{key}"), format!("cannot read {}: {e}", p.display())))
+        };
+        let (ca, cert, key) = (read("ca", &t.ca)?, read("cert", &t.cert)?, read("key", &t.key)?);
+        let s = cluster_proto::mesh::tls::TlsSettings::from_pem(&ca, &cert, &key)
+            .map_err(|e| invalid("tls", e.to_string()))?;
+        Ok(Some(std::sync::Arc::new(s)))
     }
 
     /// The mesh driver's configuration.
@@ -506,6 +549,7 @@ impl Config {
             max_entries_per_member: c.max_entries_per_member,
             max_install_rate: c.max_install_rate,
             max_pending_bytes: 8 << 20,
+            tls: None,
         })
     }
 }
@@ -582,6 +626,7 @@ version = 1
 keepalive_ms = 500
 dead_after = 3
 connect_retries = "infinite"
+plaintext = true
 members = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
 
 [cluster.member."192.0.2.3"]
@@ -612,7 +657,9 @@ listen = "127.0.0.1:9741"
 
     #[test]
     fn minimal_file_uses_defaults() {
-        let c = Config::parse("[node]\naddress = \"192.0.2.1\"\n[cluster]\nmembers = [\"192.0.2.1\"]\n").unwrap();
+        let c =
+            Config::parse("[node]\naddress = \"192.0.2.1\"\n[cluster]\nplaintext = true\nmembers = [\"192.0.2.1\"]\n")
+                .unwrap();
         assert_eq!(c.cluster.port, DEFAULT_PORT);
         assert_eq!(c.cluster.keepalive_ms, 1000);
         assert_eq!(c.admin.listen, DEFAULT_ADMIN.parse().unwrap());
@@ -635,6 +682,8 @@ listen = "127.0.0.1:9741"
             (GOOD.replace("address = \"192.0.2.1\"", "address = \"not-an-ip\""), "address"),
             (GOOD.replace("listen = \"127.0.0.1:9741\"", "listen = \"nowhere\""), "listen"),
             (GOOD.replace("\"192.0.2.2\", \"192.0.2.3\"", "\"192.0.2.2\", \"192.0.2.2\""), "listed twice"),
+            (GOOD.replace("plaintext = true\n", ""), "no [tls] section"),
+            (format!("{GOOD}\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n"), "cluster.plaintext"),
         ];
         for (text, want) in cases {
             let e = err(&text);

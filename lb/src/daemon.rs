@@ -13,7 +13,15 @@ use crate::metrics::Metrics;
 /// Runs a member until SIGTERM or SIGINT, then leaves the cluster with PEER_LEAVE.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let mesh_config = config.mesh()?;
+    let mut mesh_config = config.mesh()?;
+    mesh_config.tls = config.tls_settings()?;
+    if mesh_config.tls.is_none() {
+        tracing::warn!(
+            "control channel in plaintext (cluster.plaintext = true): anyone who can reach port {} can install \
+             forwarding state; configure [tls] (docs/security.md)",
+            config.cluster.port
+        );
+    }
     let metrics = Metrics::new();
     let mesh = Mesh::start(mesh_config, metrics.clone()).await?;
     tracing::info!(address = %mesh.address(), port = mesh.port(), members = mesh.members().len(), "member started");

@@ -81,12 +81,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let admin_port = free_port()?;
     let session = SessionConfig { version: 1, keepalive: Duration::from_millis(200), dead_after: 3 };
     println!("lb demo: a 3-member cluster on 127.0.0.1-3, control port {port}, keepalive 200 ms x 3");
+    // Control channels use mutual TLS with a CA made for this run (lb gen-certs does the same
+    // for real clusters).
+    let certs = crate::certs::generate("lb-demo", &addrs)?;
+    println!("  control channels: mutual TLS, certificates from an ephemeral demo CA");
     let mut members = Vec::new();
     for &a in &addrs {
         let metrics = Metrics::new();
-        let mesh = Mesh::start(MeshConfig::uniform(a, port, &addrs, session, Retries::Infinite), metrics.clone())
-            .await
-            .with_context(|| format!("starting member {a}"))?;
+        let mut config = MeshConfig::uniform(a, port, &addrs, session, Retries::Infinite);
+        let (_, cert, key) = certs.members.iter().find(|m| m.0 == a).expect("a certificate per member");
+        config.tls = Some(std::sync::Arc::new(cluster_proto::mesh::tls::TlsSettings::from_pem(
+            certs.ca_cert.as_bytes(),
+            cert.as_bytes(),
+            key.as_bytes(),
+        )?));
+        let mesh = Mesh::start(config, metrics.clone()).await.with_context(|| format!("starting member {a}"))?;
         let listen = SocketAddr::new(a, admin_port);
         admin::serve(listen, AdminState { mesh: mesh.clone(), metrics }, std::future::pending())
             .await

@@ -1,6 +1,7 @@
 //! The `lb` daemon's pieces: configuration, admin API, metrics, demo and CLI client.
 
 pub mod admin;
+pub mod certs;
 pub mod client;
 pub mod config;
 pub mod daemon;

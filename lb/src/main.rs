@@ -29,6 +29,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Generate a cluster CA and a certificate per member for the mutual-TLS control channel.
+    GenCerts {
+        /// Directory to write ca.pem, ca.key and ADDRESS.pem / ADDRESS.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// The members' cluster addresses, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<std::net::IpAddr>,
+        /// A name for the cluster, in the certificates' common names.
+        #[arg(long, default_value = "lb")]
+        name: String,
+    },
     /// Print the netfilter rules `lb run` installs for the [dataplane] section.
     Rules {
         /// The configuration file.
@@ -155,6 +167,15 @@ fn real_main() -> anyhow::Result<()> {
                     p.session.keepalive.as_millis(),
                     p.session.dead_after,
                 );
+            }
+            Ok(())
+        }
+        Command::GenCerts { out, members, name } => {
+            let certs = lb::certs::generate(&name, &members)?;
+            lb::certs::write(&out, &certs)?;
+            println!("wrote {}/ca.pem (give to every member), ca.key (keep offline)", out.display());
+            for m in &members {
+                println!("wrote {0}/{1}.pem and {0}/{1}.key for member {1}", out.display(), m);
             }
             Ok(())
         }

@@ -295,6 +295,7 @@ version = 1
 keepalive_ms = 200
 dead_after = 3
 connect_retries = "infinite"
+plaintext = true
 members = ["{daemon}", "{member}"]
 
 [admin]

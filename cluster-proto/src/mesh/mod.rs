@@ -16,6 +16,7 @@
 mod channel;
 mod net;
 pub mod stats;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -76,6 +77,8 @@ pub struct MeshConfig {
     /// Bytes queued to one peer's socket before its queue is no longer drained (so a peer
     /// that does not read is declared stalled once its queue fills).
     pub max_pending_bytes: usize,
+    /// Mutual TLS for every control channel; `None` speaks the paper's plaintext format.
+    pub tls: Option<Arc<tls::TlsSettings>>,
     /// Delay added to every update sent to peers: a test aid that emulates a long-distance
     /// cluster (INSTALLs late at the peers). Zero in production.
     pub send_delay: Duration,
@@ -200,6 +203,7 @@ impl MeshConfig {
             max_entries_per_member: 4_000_000,
             max_install_rate: 1_000_000,
             max_pending_bytes: 8 << 20,
+            tls: None,
             send_delay: Duration::ZERO,
         }
     }

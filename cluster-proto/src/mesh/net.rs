@@ -54,8 +54,27 @@ pub(super) async fn listen(inner: Arc<Inner>, listener: TcpListener) {
         };
         let peer = inner.member_id(remote).filter(|&p| p != inner.me);
         let _ = stream.set_nodelay(true);
-        let fd = stream.as_raw_fd();
-        tokio::spawn(channel::run(inner.clone(), stream, Some(fd), Role::Acceptor, peer, remote, Some(permit)));
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            match inner.config.tls.clone() {
+                None => {
+                    let fd = stream.as_raw_fd();
+                    channel::run(inner, stream, Some(fd), Role::Acceptor, peer, remote, Some(permit)).await;
+                }
+                Some(tls) => {
+                    let timeout = inner.session_config(peer).dead_interval().max(Duration::from_secs(1));
+                    match tls.accept(stream, remote, timeout).await {
+                        Ok(s) => {
+                            channel::run(inner, s, None, Role::Acceptor, peer, remote, Some(permit)).await;
+                        }
+                        Err(reason) => {
+                            inner.observer.on_event(&MeshEvent::ChannelRefused { peer: remote, reason });
+                            tracing::warn!(%remote, reason, "control channel refused: no valid credentials");
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -106,8 +125,23 @@ pub(super) async fn dial(inner: Arc<Inner>, peer: MemberId) {
         let outcome = match attempt {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                let fd = stream.as_raw_fd();
-                channel::run(inner.clone(), stream, Some(fd), Role::Initiator, Some(peer), member.address, None).await
+                match inner.config.tls.clone() {
+                    None => {
+                        let fd = stream.as_raw_fd();
+                        channel::run(inner.clone(), stream, Some(fd), Role::Initiator, Some(peer), member.address, None)
+                            .await
+                    }
+                    Some(tls) => match tls.connect(stream, member.address, connect_timeout).await {
+                        Ok(s) => {
+                            channel::run(inner.clone(), s, None, Role::Initiator, Some(peer), member.address, None)
+                                .await
+                        }
+                        Err(reason) => {
+                            tracing::warn!(peer = %member.address, reason, "TLS to peer failed");
+                            Outcome::Failed("tls handshake failed")
+                        }
+                    },
+                }
             }
             Ok(Err(e)) => {
                 tracing::debug!(peer = %member.address, error = %e, "connect failed");
