@@ -180,8 +180,8 @@ impl Topology {
             .unwrap();
         let m = Member { child, log };
         let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
-        wait(&format!("{name}'s admin API"), Duration::from_secs(10), || {
-            in_ns(ns, || lb::client::request(admin, "GET", "/peers", None).is_ok())
+        wait(&format!("{name} ready"), Duration::from_secs(10), || {
+            in_ns(ns, || lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200))
         });
         m
     }
@@ -328,7 +328,18 @@ fn run_fig1(f: &'static Fam) {
 
     // B outside the cluster: the server's SYN-ACK goes straight to the client, which resets it.
     let r = exchange(&t, Duration::from_secs(6));
-    assert!(r.is_err(), "without the cluster the request must fail (asymmetric return)");
+    if r.is_ok() {
+        let dump =
+            in_ns(&t.a, || lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/metrics", None).unwrap().1);
+        let b_state = t.b.sh("ip -s link; ip route; iptables -t raw -S; ss -tan").unwrap_or_default();
+        panic!(
+            "without the cluster the request must fail (asymmetric return); server saw {:?}\nA log:\n{}\nA metrics:\n{}\nB:\n{}",
+            server.peers.lock().unwrap(),
+            a.log(),
+            dump.lines().filter(|l| l.starts_with("lb_dataplane") || l.starts_with("lb_entries")).collect::<Vec<_>>().join("\n"),
+            b_state
+        );
+    }
 
     // B joins the cluster: the same request succeeds.
     let b = t.start(&t.b, "b", t.config(f.b_cluster, false, 0));
@@ -404,6 +415,16 @@ fn run_fig1_delayed_install_and_restart(f: &'static Fam) {
     wait("B rejoined", Duration::from_secs(10), || metric(&t.b, "lb_peers{state=\"established\"}") == 1);
     exchange(&t, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("exchange after B's restart failed: {e}\nB:\n{}", b.log()));
+    assert_eq!(metric(&t.b, "lb_dataplane_up"), 1);
+
+    // kill -9 A: its rules stay behind; the restarted A clears them and works.
+    drop(a);
+    let a = t.start(&t.a, "a2", t.config(f.a_cluster, true, 0));
+    wait("A rejoined", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
+    exchange(&t, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("exchange after A's restart failed: {e}\nA:\n{}", a.log()));
+    let rules = t.a.sh("iptables -t mangle -S | grep -c TPROXY; ip -4 rule | grep -c 'lookup 100'").unwrap();
+    assert_eq!(rules.split_whitespace().collect::<Vec<_>>(), ["1", "1"], "one copy of each rule after the restart");
     drop(a);
 }
 

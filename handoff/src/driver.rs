@@ -91,8 +91,10 @@ pub struct DriverStats {
     pub engine: EngineStats,
     /// Packets in the hold queue now.
     pub held: usize,
-    /// Errors sending to the tunnel or the TUN device, or giving verdicts.
+    /// Errors sending to the tunnel or the TUN device, giving verdicts, or receiving.
     pub io_errors: u64,
+    /// True while the driver thread runs.
+    pub running: bool,
 }
 
 /// The data-plane thread's state.
@@ -155,22 +157,62 @@ impl Driver {
         let [t4, t41] = self.dev.tunnel.raw_fds();
         let fds = [self.dev.queue.raw_fd(), t4, t41, self.rx.as_raw_fd()];
         let mut last_publish = Instant::now();
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).running = true;
+        let result = self.run_loop(
+            cp,
+            stop,
+            &mut live,
+            &mut generation,
+            &mut out,
+            &mut batch,
+            &mut buf,
+            &fds,
+            &mut last_publish,
+        );
+        self.publish();
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_loop(
+        &mut self,
+        cp: &dyn ControlPlane,
+        stop: &AtomicBool,
+        live: &mut Vec<MemberId>,
+        generation: &mut u64,
+        out: &mut Vec<Output<Pkt>>,
+        batch: &mut Vec<(Pkt, Hook)>,
+        buf: &mut [u8],
+        fds: &[RawFd],
+        last_publish: &mut Instant,
+    ) -> io::Result<()> {
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let timeout = self.engine.next_timeout(now).saturating_duration_since(now).min(Duration::from_millis(100));
-            let ready = poll(&fds, timeout)?;
+            let ready = poll(fds, timeout)?;
             let g = cp.membership_generation();
-            if g != generation {
-                generation = g;
-                live = cp.live_members();
+            if g != *generation {
+                *generation = g;
+                *live = cp.live_members();
             }
-            let view = View { me: cp.me(), local: cp.local(), db: cp.database(), live: &live };
+            let view = View { me: cp.me(), local: cp.local(), db: cp.database(), live: live };
             if ready[0] {
                 // Drain bounded batches, so the tunnel and wake-ups get their turn; a batch is
                 // classified with its database entries prefetched together.
                 for _ in 0..8 {
                     while batch.len() < 32 {
-                        let Some(q) = self.dev.queue.recv_timeout(Duration::ZERO)? else { break };
+                        // A receive error (e.g. ENOBUFS when the kernel dropped queued
+                        // packets) is counted and survived: --queue-bypass keeps traffic
+                        // flowing meanwhile.
+                        let q = match self.dev.queue.recv_timeout(Duration::ZERO) {
+                            Ok(Some(q)) => q,
+                            Ok(None) => break,
+                            Err(e) => {
+                                self.receive_error("NFQUEUE", &e);
+                                break;
+                            }
+                        };
                         let hook = match q.hook() {
                             nfqueue::Hook::Prerouting => Hook::Prerouting,
                             nfqueue::Hook::Output => Hook::Output,
@@ -185,16 +227,23 @@ impl Driver {
                     if batch.is_empty() {
                         break;
                     }
-                    self.engine.handle_batch(Instant::now(), &view, &mut batch, &mut out);
-                    self.after_holds(&view, &mut out);
-                    self.carry_out(cp, &mut out);
+                    self.engine.handle_batch(Instant::now(), &view, batch, out);
+                    self.after_holds(&view, out);
+                    self.carry_out(cp, out);
                 }
             }
             if ready[1] || ready[2] {
                 for _ in 0..256 {
-                    let Some(r) = self.dev.tunnel.recv_timeout(&mut buf, Duration::ZERO)? else { break };
-                    self.engine.handle_tunnel(Instant::now(), &view, r.outer_src, &buf[r.inner.clone()], &mut out);
-                    self.carry_out(cp, &mut out);
+                    let r = match self.dev.tunnel.recv_timeout(buf, Duration::ZERO) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.receive_error("tunnel", &e);
+                            break;
+                        }
+                    };
+                    self.engine.handle_tunnel(Instant::now(), &view, r.outer_src, &buf[r.inner.clone()], out);
+                    self.carry_out(cp, out);
                 }
             }
             if ready[3] {
@@ -203,20 +252,19 @@ impl Driver {
                 let pending = std::mem::take(&mut *self.waker.pending.lock().unwrap_or_else(|e| e.into_inner()));
                 for c in pending {
                     if self.engine.is_holding(&c) {
-                        self.engine.on_install(Instant::now(), &view, &c, &mut out);
+                        self.engine.on_install(Instant::now(), &view, &c, out);
                     }
                 }
-                self.carry_out(cp, &mut out);
+                self.carry_out(cp, out);
             }
-            self.engine.poll(Instant::now(), &view, &mut out);
-            self.carry_out(cp, &mut out);
+            self.engine.poll(Instant::now(), &view, out);
+            self.carry_out(cp, out);
             self.waker.holding.store(self.engine.held(), Ordering::Release);
             if last_publish.elapsed() >= Duration::from_millis(100) {
                 self.publish();
-                last_publish = Instant::now();
+                *last_publish = Instant::now();
             }
         }
-        self.publish();
         Ok(())
     }
 
@@ -232,6 +280,14 @@ impl Driver {
             if view.db.owner_of(&c).is_some() || view.local.lookup(&c).is_some() {
                 self.engine.on_install(Instant::now(), view, &c, out);
             }
+        }
+    }
+
+    fn receive_error(&mut self, what: &str, e: &io::Error) {
+        self.io_errors += 1;
+        // One line per hundred, so a storm of errors does not flood the log.
+        if self.io_errors % 100 == 1 {
+            tracing::warn!(error = %e, source = what, errors = self.io_errors, "data plane receive error (continuing)");
         }
     }
 

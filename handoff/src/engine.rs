@@ -103,7 +103,8 @@ pub struct EngineStats {
 pub struct Engine<T> {
     config: EngineConfig,
     classifier: Classifier,
-    hold: HoldQueue<T>,
+    /// Held packets, with whether their bytes were already rewritten (MSS clamp).
+    hold: HoldQueue<(T, bool)>,
     tracker: Tracker,
     ident: u16,
     stats: EngineStats,
@@ -240,7 +241,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
                 };
                 let len = packet.as_ref().len();
                 self.newly_held.push(f.connection);
-                for dropped in self.hold.push(now, &f.connection, len, packet) {
+                for (dropped, _) in self.hold.push(now, &f.connection, len, (packet, modified)) {
                     out.push(Output::Drop { packet: dropped });
                 }
                 let _ = view;
@@ -300,19 +301,19 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
 
     /// An INSTALL arrived from a peer for `connection`: release its held packets now.
     pub fn on_install(&mut self, now: Instant, view: &View, connection: &Connection, out: &mut Vec<Output<T>>) {
-        for packet in self.hold.release(connection) {
-            self.reclassify(now, view, packet, out);
+        for (packet, modified) in self.hold.release(connection) {
+            self.reclassify(now, view, packet, modified, out);
         }
     }
 
-    fn reclassify(&mut self, now: Instant, view: &View, mut packet: T, out: &mut Vec<Output<T>>) {
+    fn reclassify(&mut self, now: Instant, view: &View, mut packet: T, was_modified: bool, out: &mut Vec<Output<T>>) {
         let Ok(parsed) = parse(packet.as_ref()) else {
             out.push(Output::Drop { packet });
             return;
         };
         let d = self.classifier.reclassify_expired(view, now, &parsed);
         self.count(d.reason);
-        let modified = self.clamp(&mut packet, &parsed);
+        let modified = self.clamp(&mut packet, &parsed) || was_modified;
         match d.verdict {
             Verdict::Hold => out.push(Output::Drop { packet }),
             _ => self.carry_out(now, view, d, &parsed, packet, modified, out),
@@ -322,8 +323,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
     /// Timers: expired holds are re-classified (dropped if still unknown), ended local
     /// connections are removed.
     pub fn poll(&mut self, now: Instant, view: &View, out: &mut Vec<Output<T>>) {
-        for packet in self.hold.expired(now) {
-            self.reclassify(now, view, packet, out);
+        for (packet, modified) in self.hold.expired(now) {
+            self.reclassify(now, view, packet, modified, out);
         }
         for connection in self.tracker.ended(now) {
             out.push(Output::Remove { connection });

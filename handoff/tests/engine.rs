@@ -230,3 +230,20 @@ proptest::proptest! {
         a.engine.poll(now + Duration::from_secs(1), &view, &mut out);
     }
 }
+
+#[test]
+fn a_released_packet_keeps_its_mss_clamp() {
+    // A held SYN-ACK that is accepted after release must be handed back rewritten: its MSS
+    // was clamped when it was held.
+    let now = Instant::now();
+    let mut b = Member::new(B);
+    assert!(b.step(now, server_syn_ack(), Hook::Prerouting).is_empty(), "held");
+    b.local.insert(&conn(), Action::Forward); // B's own connection after all: accepted
+    let view = View { me: B, local: &b.local, db: &b.db, live: LIVE };
+    let mut out = Vec::new();
+    b.engine.on_install(now, &view, &conn(), &mut out);
+    match out.as_slice() {
+        [Output::Accept { packet, modified: true }] => assert_eq!(packet[42..44], 1440u16.to_be_bytes()),
+        other => panic!("{other:?}"),
+    }
+}

@@ -23,12 +23,15 @@ pub struct AdminState {
     pub mesh: Mesh,
     /// Its metrics.
     pub metrics: Arc<Metrics>,
+    /// Set once everything the configuration asks for (data plane, proxy) is running.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The API's routes.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/ready", get(ready))
         .route("/peers", get(peers))
         .route("/flows", get(flows))
         .route("/connections", axum::routing::post(install).delete(remove))
@@ -52,6 +55,16 @@ pub async fn serve(
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// `GET /ready`: 200 once the member runs everything its configuration asks for, 503 before
+/// (for orchestration and tests; `/peers` answers as soon as the admin API is up).
+async fn ready(State(s): State<AdminState>) -> Response {
+    if s.ready.load(std::sync::atomic::Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {

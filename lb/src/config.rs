@@ -425,8 +425,20 @@ impl Config {
             if p.route_table == 0 || p.route_table >= 253 && p.route_table <= 255 {
                 return Err(invalid("proxy.route_table", "must not be 0 or a reserved table (253-255)"));
             }
-            if p.max_connections == 0 || p.connect_timeout_ms == 0 || p.idle_timeout_ms == 0 {
-                return Err(invalid("proxy.max_connections", "max_connections and the timeouts must be at least 1"));
+            for (key, v) in [
+                ("max_connections", p.max_connections as u64),
+                ("connect_timeout_ms", p.connect_timeout_ms),
+                ("idle_timeout_ms", p.idle_timeout_ms),
+            ] {
+                if v == 0 {
+                    return Err(invalid(format!("proxy.{key}"), "must be at least 1"));
+                }
+            }
+            if p.intercept_tcp_ports.contains(&p.listen.port()) {
+                return Err(invalid(
+                    "proxy.intercept_tcp_ports",
+                    "must not contain the proxy's own listen port (it would loop)",
+                ));
             }
         }
         Ok(c)
@@ -460,6 +472,12 @@ impl Config {
         let dead_after = check_dead_after("cluster.dead_after", c.dead_after)?;
         if c.send_queue < 1024 {
             return Err(invalid("cluster.send_queue", format!("must be at least 1024 messages, got {}", c.send_queue)));
+        }
+        if c.test_send_delay_ms > 10_000 {
+            return Err(invalid(
+                "cluster.test_send_delay_ms",
+                format!("at most 10000 (a test aid), got {}", c.test_send_delay_ms),
+            ));
         }
         if c.max_entries_per_member == 0 || c.max_install_rate == 0 {
             return Err(invalid(
@@ -560,8 +578,12 @@ impl Dataplane {
         if self.intercept_tcp_ports.is_empty() && self.intercept_udp_ports.is_empty() {
             return Err(invalid("dataplane.intercept_tcp_ports", "intercept at least one TCP or UDP port"));
         }
-        if self.intercept_tcp_ports.contains(&0) || self.intercept_udp_ports.contains(&0) {
-            return Err(invalid("dataplane.intercept_tcp_ports", "port 0 cannot be intercepted"));
+        for (key, ports) in
+            [("intercept_tcp_ports", &self.intercept_tcp_ports), ("intercept_udp_ports", &self.intercept_udp_ports)]
+        {
+            if ports.contains(&0) {
+                return Err(invalid(format!("dataplane.{key}"), "port 0 cannot be intercepted"));
+            }
         }
         if self.tun.is_empty()
             || self.tun.len() > 15
@@ -569,7 +591,7 @@ impl Dataplane {
         {
             return Err(invalid(
                 "dataplane.tun",
-                format!("{:?} is not a valid interface name (1-15 of a-z, 0-9, -, _)", self.tun),
+                format!("{:?} is not a valid interface name (1-15 of A-Z, a-z, 0-9, -, _)", self.tun),
             ));
         }
         if self.mtu != 0 && self.mtu < 576 {
@@ -578,11 +600,11 @@ impl Dataplane {
         if !(1..=60_000).contains(&self.hold_ms) {
             return Err(invalid("dataplane.hold_ms", format!("must be between 1 and 60000, got {}", self.hold_ms)));
         }
-        if self.hold_packets == 0 || self.hold_bytes < 65_536 {
-            return Err(invalid(
-                "dataplane.hold_bytes",
-                "hold_packets must be at least 1 and hold_bytes at least 65536",
-            ));
+        if self.hold_packets == 0 {
+            return Err(invalid("dataplane.hold_packets", "must be at least 1"));
+        }
+        if self.hold_bytes < 65_536 {
+            return Err(invalid("dataplane.hold_bytes", format!("must be at least 65536, got {}", self.hold_bytes)));
         }
         if !matches!(self.policy.as_str(), "local" | "rendezvous") {
             return Err(invalid("dataplane.policy", format!("{:?} is not a policy (local, rendezvous)", self.policy)));
@@ -590,11 +612,15 @@ impl Dataplane {
         for (i, b) in self.bypass.iter().enumerate() {
             parse_cidr(&b.net).map_err(|e| invalid(format!("dataplane.bypass[{i}].net"), e))?;
         }
-        if self.linger_ms == 0 || self.udp_idle_ms == 0 || self.tcp_idle_ms == 0 || self.embryonic_ms == 0 {
-            return Err(invalid(
-                "dataplane.linger_ms",
-                "linger_ms, udp_idle_ms, tcp_idle_ms and embryonic_ms must be at least 1",
-            ));
+        for (key, v) in [
+            ("linger_ms", self.linger_ms),
+            ("udp_idle_ms", self.udp_idle_ms),
+            ("tcp_idle_ms", self.tcp_idle_ms),
+            ("embryonic_ms", self.embryonic_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("dataplane.{key}"), "must be at least 1"));
+            }
         }
         Ok(())
     }

@@ -25,6 +25,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let mesh = Mesh::start(mesh_config, metrics.clone()).await?;
     tracing::info!(address = %mesh.address(), port = mesh.port(), members = mesh.members().len(), "member started");
+    // The admin API first: everything after it installs system state (rules, routes), and
+    // must not be left behind if a later step fails.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut stop_admin = stop_rx.clone();
+    let admin = admin::serve(
+        config.admin.listen,
+        AdminState { mesh: mesh.clone(), metrics: metrics.clone(), ready: ready.clone() },
+        async move {
+            let _ = stop_admin.wait_for(|s| *s).await;
+        },
+    )
+    .await
+    .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
+    tracing::info!(listen = %config.admin.listen, "admin API up");
     let dataplane = match &config.dataplane {
         Some(d) => {
             let dp = crate::dataplane::start(d, &mesh)?;
@@ -34,43 +49,46 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let proxy_rules = match &config.proxy {
+    // Dropped on any exit (error included): removes the proxy's rules.
+    let _proxy_rules = match &config.proxy {
         Some(p) => Some(start_proxy(p, stop_rx.clone()).await?),
         None => None,
     };
-    let mut stop_admin = stop_rx.clone();
-    let admin = admin::serve(config.admin.listen, AdminState { mesh: mesh.clone(), metrics }, async move {
-        let _ = stop_admin.wait_for(|s| *s).await;
-    })
-    .await
-    .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
-    tracing::info!(listen = %config.admin.listen, "admin API up");
 
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!("ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: leaving the cluster"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: leaving the cluster"),
     }
     if let Some(dp) = dataplane {
-        // Rules go first, so traffic is never queued to a queue nobody reads.
+        // The queue closes, then the rules go; --queue-bypass lets packets through between.
         tokio::task::spawn_blocking(move || dp.stop()).await?;
     }
     let _ = stop_tx.send(true);
-    if let Some(rules) = proxy_rules {
-        let _ = run_commands(&undo(&rules), false);
-    }
+    drop(_proxy_rules);
     mesh.shutdown(Duration::from_secs(2)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
     tracing::info!("left the cluster");
     Ok(())
 }
 
-/// Starts the transparent proxy; returns the rule commands it installed (to undo on exit).
+/// The proxy's rules, removed when dropped.
+struct InstalledRules(Vec<Vec<String>>);
+
+impl Drop for InstalledRules {
+    fn drop(&mut self) {
+        let _ = run_commands(&undo(&self.0), false);
+    }
+}
+
+/// Starts the transparent proxy and installs its rules (after removing any an earlier run
+/// left behind, so a restart after a crash works).
 async fn start_proxy(
     p: &crate::config::ProxySection,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Vec<Vec<String>>> {
+) -> anyhow::Result<InstalledRules> {
     let proxy = crate::proxy::bind(crate::proxy::ProxyConfig {
         listen: p.listen,
         spoof: p.spoof,
@@ -92,14 +110,21 @@ async fn start_proxy(
                 v6,
             ));
         }
-        run_commands(&rules, true)?;
+        // Stale copies from a crashed run would duplicate rules and make `ip route add` fail.
+        for _ in 0..4 {
+            let _ = run_commands(&undo(&rules), false);
+        }
+        if let Err(e) = run_commands(&rules, true) {
+            let _ = run_commands(&undo(&rules), false);
+            return Err(e);
+        }
         tracing::info!(listen = %p.listen, ports = ?p.intercept_tcp_ports, "TPROXY rules installed");
     }
     tokio::spawn(proxy.serve(async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
     tracing::info!(listen = %p.listen, spoof = p.spoof, "transparent proxy up");
-    Ok(rules)
+    Ok(InstalledRules(rules))
 }
 
 /// Runs argv commands in order; with `strict`, the first failure is an error.

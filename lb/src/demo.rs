@@ -97,9 +97,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         )?));
         let mesh = Mesh::start(config, metrics.clone()).await.with_context(|| format!("starting member {a}"))?;
         let listen = SocketAddr::new(a, admin_port);
-        admin::serve(listen, AdminState { mesh: mesh.clone(), metrics }, std::future::pending())
-            .await
-            .with_context(|| format!("admin API on {listen}"))?;
+        admin::serve(
+            listen,
+            AdminState { mesh: mesh.clone(), metrics, ready: std::sync::Arc::new(true.into()) },
+            std::future::pending(),
+        )
+        .await
+        .with_context(|| format!("admin API on {listen}"))?;
         members.push(Member { mesh, admin: listen });
     }
     let t = wait_for("the full mesh", Duration::from_secs(10), || {

@@ -30,6 +30,7 @@ pub struct Metrics {
     dp_counters: IntCounterVec,
     dp_decisions: IntCounterVec,
     dp_held: IntGauge,
+    dp_up: IntGauge,
     /// Data-plane counter values already added, to add only what is new at each scrape.
     dp_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -91,6 +92,9 @@ impl Metrics {
         let dp_decisions = cv("lb_dataplane_decisions_total", "Classification decisions by reason.", &["reason"]);
         let dp_held = must(IntGauge::new("lb_hold_queue_packets", "Packets in the hold queue."));
         must(registry.register(Box::new(dp_held.clone())));
+        let dp_up =
+            must(IntGauge::new("lb_dataplane_up", "1 while the data-plane thread runs (0: traffic bypasses it)."));
+        must(registry.register(Box::new(dp_up.clone())));
         Arc::new(Metrics {
             registry,
             peers,
@@ -110,6 +114,7 @@ impl Metrics {
             dp_counters,
             dp_decisions,
             dp_held,
+            dp_up,
             dp_seen: Default::default(),
         })
     }
@@ -148,6 +153,7 @@ impl Metrics {
             add(&self.dp_decisions, reason, *v);
         }
         self.dp_held.set(s.held as i64);
+        self.dp_up.set(s.running as i64);
     }
 
     /// Reads the mesh's current state into the gauges and renders the text format.

@@ -65,6 +65,9 @@ impl RawTunnel {
                 .bind(&SocketAddr::new(local, 0).into())
                 .map_err(|e| context(e, format!("bind raw socket for IP protocol {proto} to {local}")))?;
             socket.set_nonblocking(true)?;
+            // Bursts of handed-over packets (a server's reply stream) must not overflow the
+            // default buffer; the kernel caps this at net.core.rmem_max.
+            let _ = socket.set_recv_buffer_size(8 << 20);
             Ok(socket)
         };
         Ok(RawTunnel { local, sockets: [open_one(PROTO_IPIP)?, open_one(PROTO_IPV6)?], next: 0 })
