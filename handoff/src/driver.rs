@@ -196,7 +196,7 @@ impl Driver {
                 *generation = g;
                 *live = cp.live_members();
             }
-            let view = View { me: cp.me(), local: cp.local(), db: cp.database(), live: live };
+            let view = View { me: cp.me(), local: cp.local(), db: cp.database(), live };
             if ready[0] {
                 // Drain bounded batches, so the tunnel and wake-ups get their turn; a batch is
                 // classified with its database entries prefetched together.
