@@ -121,6 +121,12 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let (tx, mut rx) = mpsc::channel::<Outgoing>(inner.config.send_queue);
     let close = CloseSignal::new();
     let mut shutdown = inner.shutdown.subscribe();
+    if *shutdown.borrow() {
+        // A channel accepted or dialed just as the member stops would never see the change
+        // (a new receiver has seen the current value): make the loop act on it at once,
+        // instead of leaving a zombie channel that speaks for a stopped member.
+        shutdown.mark_changed();
+    }
     let mut current = false;
     let mut outcome = Outcome::Failed("closed before join");
     let mut joined_at: Option<Instant> = None;
