@@ -1,0 +1,454 @@
+//! The decoder: verifies every frame before it outputs a byte, mirrors the encoder's store
+//! operations, and when a REFERENCE cannot be resolved reports a NACK and holds all later
+//! output until the encoder's REPAIR arrives, so output is always a prefix of the original.
+//!
+//! Two cursors run over the buffered stream. The scan cursor verifies frames as soon as they
+//! are complete, and handles at once what does not depend on order: REPAIR bodies are kept,
+//! NACKs for the opposite direction become events, and references the store cannot hold by the
+//! time they apply are NACKed early (one round trip for all of them, not one each). The apply
+//! cursor follows in stream order and is the only one that outputs bytes or touches the store.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    get_varint, parse_frame, DecodeError, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_ZSTD, HEADER_LEN,
+};
+use crate::chunk::{ChunkId, MAX_CHUNK};
+use crate::store::{chunk_check, Store};
+
+/// Limits of a [`Decoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DecoderConfig {
+    /// Most encoded bytes buffered while output waits for a REPAIR.
+    pub max_pending: usize,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self { max_pending: 16 << 20 }
+    }
+}
+
+/// Something the caller must act on, from [`Decoder::poll_event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Send this NACK to the peer's encoder (e.g. with `Encoder::send_nack` on the reverse
+    /// direction): our dictionary disagrees with it.
+    SendNack(Nack),
+    /// The peer's decoder sent this NACK about our stream: give it to `Encoder::handle_nack`.
+    NackReceived(Nack),
+}
+
+/// Counters of one decoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DecoderStats {
+    /// Encoded bytes received.
+    pub input_bytes: u64,
+    /// Bytes output.
+    pub output_bytes: u64,
+    /// Output bytes from LITERAL.
+    pub literal_bytes: u64,
+    /// Output bytes from DEFINE.
+    pub defined_bytes: u64,
+    /// Output bytes from REFERENCE resolved in the store.
+    pub referenced_bytes: u64,
+    /// Output bytes from REFERENCE resolved by a REPAIR.
+    pub repaired_bytes: u64,
+    /// NACKs this decoder asked to send.
+    pub nacks_sent: u64,
+    /// NACKs received for the opposite direction.
+    pub nacks_received: u64,
+    /// RESET tokens applied.
+    pub resets: u64,
+}
+
+/// A verified frame waiting for the apply cursor.
+#[derive(Debug, Clone)]
+struct Pending {
+    /// Stream offset of the frame.
+    offset: u64,
+    ty: u8,
+    /// Body range, relative to the frame start.
+    body: Range<usize>,
+}
+
+/// The decoding half of a proxy chain: owns the pair's [`Store`] while the stream lasts.
+pub struct Decoder {
+    store: Store,
+    config: DecoderConfig,
+    header: Option<StreamHeader>,
+    /// Encoded bytes from stream offset `base` on.
+    buf: Vec<u8>,
+    base: u64,
+    /// Everything before this stream offset is verified.
+    scanned: u64,
+    /// The check of the last verified frame (or the header): the next one is chained on it.
+    chain: u32,
+    frames: VecDeque<Pending>,
+    scan_epoch: u32,
+    apply_epoch: u32,
+    /// DEFINEs scanned but not applied yet, by id.
+    scan_defined: HashMap<ChunkId, u32>,
+    repairs: HashMap<ChunkId, Arc<[u8]>>,
+    nacked: HashSet<ChunkId>,
+    blocked: Option<ChunkId>,
+    desync_reported: bool,
+    events: VecDeque<Event>,
+    error: Option<DecodeError>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    zbuf: Vec<u8>,
+    stats: DecoderStats,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("header", &self.header)
+            .field("epoch", &self.store.epoch())
+            .field("buffered", &self.buf.len())
+            .field("blocked", &self.blocked)
+            .field("error", &self.error)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Decoder {
+    /// A decoder for a new stream over `store` (the pair's dictionary, same budget as the
+    /// encoder's).
+    pub fn new(store: Store, config: DecoderConfig) -> Self {
+        Self {
+            store,
+            config,
+            header: None,
+            buf: Vec::new(),
+            base: 0,
+            scanned: 0,
+            chain: 0,
+            frames: VecDeque::new(),
+            scan_epoch: 0,
+            apply_epoch: 0,
+            scan_defined: HashMap::new(),
+            repairs: HashMap::new(),
+            nacked: HashSet::new(),
+            blocked: None,
+            desync_reported: false,
+            events: VecDeque::new(),
+            error: None,
+            zstd: None,
+            zbuf: Vec::new(),
+            stats: DecoderStats::default(),
+        }
+    }
+
+    /// The dictionary.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Ends the stream and hands back the dictionary.
+    pub fn into_store(self) -> Store {
+        self.store
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DecoderStats {
+        self.stats
+    }
+
+    /// The stream header, once received.
+    pub fn header(&self) -> Option<StreamHeader> {
+        self.header
+    }
+
+    /// The chunk whose REPAIR output is waiting for, if any.
+    pub fn blocked_on(&self) -> Option<ChunkId> {
+        self.blocked
+    }
+
+    /// The next thing the caller must do (send or hand over a NACK).
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Takes any split of the encoded stream and appends the bytes it decodes to `out`. Only
+    /// verified frames produce output, so whatever was appended is a prefix of the encoder's
+    /// input, even when this returns an error; after an error every call returns it again.
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.stats.input_bytes += input.len() as u64;
+        self.buf.extend_from_slice(input);
+        let start = out.len();
+        let scanned = self.scan();
+        let applied = self.apply(out);
+        self.stats.output_bytes += (out.len() - start) as u64;
+        let result = applied.and(scanned).and_then(|()| self.check_pending());
+        self.compact();
+        if let Err(e) = result {
+            self.error = Some(e);
+        }
+        result
+    }
+
+    /// Declares the end of the stream: an error if it stopped inside a frame or while output
+    /// waited for a REPAIR.
+    pub fn finish(&mut self) -> Result<(), DecodeError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if let Some(id) = self.blocked {
+            return Err(DecodeError::Blocked(id));
+        }
+        if self.scanned < self.base + self.buf.len() as u64 {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(())
+    }
+
+    fn check_pending(&self) -> Result<(), DecodeError> {
+        let applied = self.frames.front().map_or(self.scanned, |p| p.offset);
+        let held = self.base + self.buf.len() as u64 - applied;
+        if self.blocked.is_some() && held > self.config.max_pending as u64 {
+            return Err(DecodeError::PendingOverflow { limit: self.config.max_pending });
+        }
+        Ok(())
+    }
+
+    fn compact(&mut self) {
+        let applied = self.frames.front().map_or(self.scanned, |p| p.offset);
+        let drop = (applied - self.base) as usize;
+        if drop == self.buf.len() {
+            self.buf.clear();
+        } else if drop >= 64 * 1024 && drop > self.buf.len() / 2 {
+            self.buf.drain(..drop);
+        } else {
+            return;
+        }
+        self.base = applied;
+    }
+
+    /// Verifies every complete frame and queues it for `apply`.
+    fn scan(&mut self) -> Result<(), DecodeError> {
+        loop {
+            let rel = (self.scanned - self.base) as usize;
+            let Some(header) = self.header else {
+                let Some(b) = self.buf.get(rel..rel + HEADER_LEN) else { return Ok(()) };
+                let h = StreamHeader::parse(b.try_into().expect("header length"))?;
+                self.chain = u32::from_be_bytes(b[super::field::CHECK].try_into().expect("4 bytes"));
+                self.on_header(h)?;
+                self.scanned += HEADER_LEN as u64;
+                continue;
+            };
+            let offset = self.scanned;
+            let frame = match parse_frame(&self.buf[rel..], self.chain) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err((_, true)) => return Err(DecodeError::FrameChecksum { offset }),
+                Err((what, false)) => return Err(DecodeError::Malformed { offset, what }),
+            };
+            let malformed = |what| DecodeError::Malformed { offset, what };
+            if frame.ty & COMPRESSED != 0 && header.flags & FLAG_ZSTD == 0 {
+                return Err(malformed("compressed body in a stream without the zstd flag"));
+            }
+            let ty = TokenType::from_byte(frame.ty).expect("parse_frame checked the type");
+            let body = &self.buf[rel + frame.body.start..rel + frame.body.end];
+            let mut queue = true;
+            match ty {
+                TokenType::Literal => {}
+                TokenType::Define => {
+                    let id = read_id(body).ok_or_else(|| malformed("DEFINE shorter than an id"))?;
+                    *self.scan_defined.entry(id).or_default() += 1;
+                }
+                TokenType::Reference => {
+                    let (id, len, check) = read_reference(body).ok_or_else(|| malformed("bad REFERENCE body"))?;
+                    self.nack_early(id, len, check);
+                }
+                TokenType::Repair => {
+                    let id = read_id(body).ok_or_else(|| malformed("REPAIR shorter than an id"))?;
+                    let bytes = chunk_body(&mut self.zstd, &mut self.zbuf, frame.ty, &body[16..], offset)?;
+                    if ChunkId::of(bytes) != id {
+                        return Err(DecodeError::ChunkIdMismatch { offset });
+                    }
+                    self.repairs.insert(id, Arc::from(bytes));
+                    self.nacked.remove(&id);
+                }
+                TokenType::Reset => {
+                    self.scan_epoch = u32::from_be_bytes(body.try_into().map_err(|_| malformed("bad RESET body"))?);
+                }
+                TokenType::Checkpoint if body.len() != 8 => return Err(malformed("bad CHECKPOINT body")),
+                TokenType::Checkpoint => {}
+                // At scan time: output may be waiting for a REPAIR that will never come.
+                TokenType::Abort if body.len() != 1 => return Err(malformed("bad ABORT body")),
+                TokenType::Abort => return Err(DecodeError::Aborted { reason: body[0] }),
+                TokenType::Nack => {
+                    let nack = Nack::from_bytes(body).ok_or_else(|| malformed("bad NACK body"))?;
+                    self.events.push_back(Event::NackReceived(nack));
+                    self.stats.nacks_received += 1;
+                    queue = false;
+                }
+            }
+            if queue {
+                self.frames.push_back(Pending { offset, ty: frame.ty, body: frame.body });
+            }
+            self.scanned += frame.len as u64;
+            self.chain = frame.check;
+        }
+    }
+
+    fn on_header(&mut self, h: StreamHeader) -> Result<(), DecodeError> {
+        if h.budget != self.store.budget() {
+            return Err(DecodeError::BudgetMismatch { encoder: h.budget, decoder: self.store.budget() });
+        }
+        if h.flags & FLAG_ZSTD != 0 {
+            self.zstd = Some(zstd::bulk::Decompressor::new().expect("zstd context"));
+        }
+        self.header = Some(h);
+        self.scan_epoch = h.epoch;
+        self.apply_epoch = h.epoch;
+        if h.epoch != self.store.epoch() || h.digest != self.store.digest() {
+            self.desync_reported = true;
+            self.send_nack(Nack { kind: NackKind::Desync, epoch: h.epoch, id: ChunkId(0) });
+        }
+        Ok(())
+    }
+
+    /// NACKs a reference now if nothing between here and its turn can supply the chunk.
+    fn nack_early(&mut self, id: ChunkId, len: usize, check: u32) {
+        let kind = match self.store.get(id) {
+            Some(c) if c.bytes().len() == len && c.check() == check => return,
+            Some(_) => NackKind::Mismatch,
+            None => NackKind::Missing,
+        };
+        if self.repairs.contains_key(&id) || self.scan_defined.contains_key(&id) || self.nacked.contains(&id) {
+            return;
+        }
+        self.nacked.insert(id);
+        self.send_nack(Nack { kind, epoch: self.scan_epoch, id });
+    }
+
+    fn send_nack(&mut self, nack: Nack) {
+        self.stats.nacks_sent += 1;
+        self.events.push_back(Event::SendNack(nack));
+    }
+
+    /// Applies queued frames in stream order until one cannot be resolved yet.
+    fn apply(&mut self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        self.blocked = None;
+        while let Some(p) = self.frames.front() {
+            let offset = p.offset;
+            let ty = p.ty;
+            let rel = (offset - self.base) as usize;
+            let body = &self.buf[rel + p.body.start..rel + p.body.end];
+            match TokenType::from_byte(ty).expect("scan checked the type") {
+                TokenType::Literal => {
+                    let bytes = chunk_body(&mut self.zstd, &mut self.zbuf, ty, body, offset)?;
+                    out.extend_from_slice(bytes);
+                    self.stats.literal_bytes += bytes.len() as u64;
+                }
+                TokenType::Define => {
+                    let id = read_id(body).expect("scan checked");
+                    let bytes = chunk_body(&mut self.zstd, &mut self.zbuf, ty, &body[16..], offset)?;
+                    if ChunkId::of(bytes) != id {
+                        return Err(DecodeError::ChunkIdMismatch { offset });
+                    }
+                    if self.store.define(id, Arc::from(bytes)).is_none() {
+                        return Err(DecodeError::Malformed { offset, what: "DEFINE larger than the budget" });
+                    }
+                    out.extend_from_slice(bytes);
+                    self.stats.defined_bytes += bytes.len() as u64;
+                    if let Some(n) = self.scan_defined.get_mut(&id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.scan_defined.remove(&id);
+                        }
+                    }
+                }
+                TokenType::Reference => {
+                    let (id, len, check) = read_reference(body).expect("scan checked");
+                    if let Some(c) = self.store.get(id).filter(|c| c.bytes().len() == len && c.check() == check) {
+                        out.extend_from_slice(c.bytes());
+                        self.store.touch(id);
+                        self.stats.referenced_bytes += len as u64;
+                    } else if let Some(b) = self.repairs.get(&id).filter(|b| b.len() == len && chunk_check(b) == check)
+                    {
+                        out.extend_from_slice(b);
+                        self.stats.repaired_bytes += len as u64;
+                    } else {
+                        if self.nacked.insert(id) {
+                            let kind = if self.store.contains(id) { NackKind::Mismatch } else { NackKind::Missing };
+                            self.send_nack(Nack { kind, epoch: self.apply_epoch, id });
+                        }
+                        self.blocked = Some(id);
+                        return Ok(());
+                    }
+                }
+                TokenType::Repair => {
+                    let id = read_id(body).expect("scan checked");
+                    self.repairs.remove(&id);
+                }
+                TokenType::Reset => {
+                    let epoch = u32::from_be_bytes(body.try_into().expect("scan checked"));
+                    self.store.reset(epoch);
+                    self.apply_epoch = epoch;
+                    self.desync_reported = false;
+                    self.stats.resets += 1;
+                }
+                TokenType::Checkpoint => {
+                    let digest = u64::from_be_bytes(body.try_into().expect("scan checked"));
+                    if digest != self.store.digest() && !self.desync_reported {
+                        self.desync_reported = true;
+                        self.send_nack(Nack { kind: NackKind::Desync, epoch: self.apply_epoch, id: ChunkId(0) });
+                    }
+                }
+                TokenType::Abort | TokenType::Nack => unreachable!("handled by scan, never queued"),
+            }
+            self.frames.pop_front();
+        }
+        Ok(())
+    }
+}
+
+fn read_id(body: &[u8]) -> Option<ChunkId> {
+    Some(ChunkId::from_bytes(body.get(..16)?.try_into().ok()?))
+}
+
+/// REFERENCE body: id 16 B, length varint, check u32.
+fn read_reference(body: &[u8]) -> Option<(ChunkId, usize, u32)> {
+    let id = read_id(body)?;
+    let (len, n) = get_varint(&body[16..]).ok()??;
+    let check = u32::from_be_bytes(body.get(16 + n..)?.try_into().ok()?);
+    (len > 0 && len <= MAX_CHUNK).then_some((id, len, check))
+}
+
+/// The bytes of a LITERAL / DEFINE / REPAIR body after its prefix, decompressed if the type
+/// byte says so (raw length varint, then one zstd frame that must decompress to exactly it).
+fn chunk_body<'a>(
+    zstd: &mut Option<zstd::bulk::Decompressor<'static>>,
+    zbuf: &'a mut Vec<u8>,
+    ty: u8,
+    body: &'a [u8],
+    offset: u64,
+) -> Result<&'a [u8], DecodeError> {
+    if ty & COMPRESSED == 0 {
+        return Ok(body);
+    }
+    let bad = DecodeError::Decompress { offset };
+    let (raw_len, n) = get_varint(body).ok().flatten().ok_or(bad)?;
+    if raw_len > MAX_CHUNK {
+        return Err(bad);
+    }
+    let z = zstd.as_mut().ok_or(bad)?;
+    zbuf.clear();
+    zbuf.reserve(raw_len);
+    match z.decompress_to_buffer(&body[n..], zbuf) {
+        Ok(len) if len == raw_len && zbuf.len() == raw_len => Ok(&zbuf[..]),
+        _ => Err(bad),
+    }
+}

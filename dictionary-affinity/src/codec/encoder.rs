@@ -1,0 +1,352 @@
+//! The encoder: chunks the byte stream, replaces chunks both dictionaries hold with REFERENCE
+//! tokens and adds new ones with DEFINE, and answers the decoder's NACKs.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{varint3, write_frame, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_ZSTD};
+use crate::chunk::{ChunkId, Chunker, ChunkerConfig, ChunkerConfigError, MAX_CHUNK};
+use crate::store::Store;
+
+/// ABORT reason: a NACKed chunk was no longer held by the encoder.
+pub const ABORT_REPAIR_UNAVAILABLE: u8 = 1;
+
+/// How an [`Encoder`] chunks and what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EncoderConfig {
+    /// Content-defined chunk sizes.
+    pub chunker: ChunkerConfig,
+    /// Compress LITERAL / DEFINE / REPAIR bodies with zstd level 1 when that makes them smaller.
+    pub zstd: bool,
+    /// Bytes of recently referenced chunks kept (shared with the store while held there) so a
+    /// NACK can still be answered with REPAIR after an eviction or reset.
+    pub repair_window: usize,
+    /// Chunks shorter than this (only the tail of a `flush`) go as LITERAL, not into the store.
+    pub min_define: usize,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        Self { chunker: ChunkerConfig::default(), zstd: false, repair_window: 32 << 20, min_define: 64 }
+    }
+}
+
+/// Counters of one encoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EncoderStats {
+    /// Bytes given to `encode`.
+    pub input_bytes: u64,
+    /// Bytes written to the token stream (header and every token included).
+    pub output_bytes: u64,
+    /// Input bytes sent as LITERAL.
+    pub literal_bytes: u64,
+    /// Input bytes sent as DEFINE.
+    pub defined_bytes: u64,
+    /// Input bytes replaced by REFERENCE.
+    pub referenced_bytes: u64,
+    /// DEFINE tokens.
+    pub defines: u64,
+    /// REFERENCE tokens.
+    pub references: u64,
+    /// Chunks whose id was held with different bytes (hash collisions; sent as LITERAL).
+    pub collisions: u64,
+    /// NACKs handled.
+    pub nacks: u64,
+    /// REPAIR tokens sent.
+    pub repairs: u64,
+    /// Epoch resets started by this encoder.
+    pub resets: u64,
+}
+
+impl EncoderStats {
+    /// Fraction of the input bytes that did not cross the wire (negative when framing cost more).
+    pub fn saved_fraction(&self) -> f64 {
+        if self.input_bytes == 0 {
+            return 0.0;
+        }
+        1.0 - self.output_bytes as f64 / self.input_bytes as f64
+    }
+}
+
+/// Why [`Encoder::handle_nack`] could not repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RepairError {
+    /// The chunk has left both the store and the repair window; ABORT was written and the
+    /// connection must be closed.
+    #[error("chunk {0} is no longer held: stream aborted")]
+    Unavailable(ChunkId),
+}
+
+/// The encoding half of a proxy chain: owns the pair's [`Store`] while the stream lasts.
+pub struct Encoder {
+    store: Store,
+    chunker: Chunker,
+    config: EncoderConfig,
+    started: bool,
+    /// The last check written: frames are chained on it.
+    chain: u32,
+    /// Input not yet cut into chunks (less than `max` bytes after each call).
+    carry: Vec<u8>,
+    /// Bytes waiting to go out as one LITERAL.
+    literal: Vec<u8>,
+    /// Recently referenced chunks, oldest first, for REPAIR.
+    recent: VecDeque<(ChunkId, Arc<[u8]>)>,
+    recent_bytes: usize,
+    /// The store changed since the last CHECKPOINT.
+    dirty: bool,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zbuf: Vec<u8>,
+    stats: EncoderStats,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("config", &self.config)
+            .field("epoch", &self.store.epoch())
+            .field("carry", &self.carry.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Encoder {
+    /// An encoder that starts a new stream over `store` (the pair's dictionary).
+    pub fn new(store: Store, config: EncoderConfig) -> Result<Self, ChunkerConfigError> {
+        let chunker = Chunker::new(config.chunker)?;
+        let zstd = config.zstd.then(|| zstd::bulk::Compressor::new(1).expect("zstd context"));
+        Ok(Self {
+            store,
+            chunker,
+            config,
+            started: false,
+            chain: 0,
+            carry: Vec::new(),
+            literal: Vec::new(),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
+            dirty: false,
+            zstd,
+            zbuf: Vec::new(),
+            stats: EncoderStats::default(),
+        })
+    }
+
+    /// The dictionary.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Ends the stream and hands back the dictionary (for the pair's next stream, or to save).
+    /// Call [`Encoder::flush`] first: bytes still in the carry are dropped.
+    pub fn into_store(self) -> Store {
+        self.store
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> EncoderStats {
+        self.stats
+    }
+
+    /// Input bytes held until a chunk boundary (or `flush`).
+    pub fn pending(&self) -> usize {
+        self.carry.len()
+    }
+
+    /// Appends the tokens for `input` to `out`. Chunk boundaries depend only on content, so
+    /// up to `max` chunk bytes stay in the carry until more input or [`Encoder::flush`].
+    pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        self.start(out);
+        self.stats.input_bytes += input.len() as u64;
+        self.carry.extend_from_slice(input);
+        let carry = std::mem::take(&mut self.carry);
+        let max = self.chunker.max();
+        let mut at = 0;
+        while carry.len() - at >= max {
+            let n = self.chunker.cut(&carry[at..]);
+            self.emit_chunk(&carry[at..at + n], out);
+            at += n;
+        }
+        self.carry = carry;
+        self.carry.drain(..at);
+        self.flush_literal(out);
+        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    /// Cuts and sends everything held (the stream may pause here), then a CHECKPOINT of the
+    /// store digest if the store changed since the last one.
+    pub fn flush(&mut self, out: &mut Vec<u8>) {
+        let start = out.len();
+        self.start(out);
+        let carry = std::mem::take(&mut self.carry);
+        let mut at = 0;
+        while at < carry.len() {
+            let n = self.chunker.cut(&carry[at..]);
+            self.emit_chunk(&carry[at..at + n], out);
+            at += n;
+        }
+        self.carry = carry;
+        self.carry.clear();
+        self.flush_literal(out);
+        if self.dirty {
+            write_frame(out, &mut self.chain, TokenType::Checkpoint as u8, &[&self.store.digest().to_be_bytes()]);
+            self.dirty = false;
+        }
+        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    /// Answers a NACK from the decoder: REPAIR for a missing or mismatching chunk, then a RESET
+    /// to a new epoch if the NACK concerns the current one (the dictionaries disagree, so both
+    /// start again empty). Fails, after writing ABORT, if the chunk is no longer held.
+    pub fn handle_nack(&mut self, nack: &Nack, out: &mut Vec<u8>) -> Result<(), RepairError> {
+        let start = out.len();
+        self.start(out);
+        self.stats.nacks += 1;
+        let result = match nack.kind {
+            NackKind::Missing | NackKind::Mismatch => {
+                let held = self
+                    .store
+                    .get(nack.id)
+                    .map(|c| c.bytes().clone())
+                    .or_else(|| self.recent.iter().rev().find(|(id, _)| *id == nack.id).map(|(_, b)| b.clone()));
+                match held {
+                    Some(bytes) => {
+                        self.write_chunk(TokenType::Repair, &nack.id.to_bytes(), &bytes, out);
+                        self.stats.repairs += 1;
+                        Ok(())
+                    }
+                    None => {
+                        write_frame(out, &mut self.chain, TokenType::Abort as u8, &[&[ABORT_REPAIR_UNAVAILABLE]]);
+                        Err(RepairError::Unavailable(nack.id))
+                    }
+                }
+            }
+            NackKind::Desync => Ok(()),
+        };
+        if result.is_ok() && nack.epoch == self.store.epoch() {
+            self.new_epoch(out);
+        }
+        self.stats.output_bytes += (out.len() - start) as u64;
+        result
+    }
+
+    /// Carries a NACK produced by this side's decoder to the peer's encoder.
+    pub fn send_nack(&mut self, nack: &Nack, out: &mut Vec<u8>) {
+        let start = out.len();
+        self.start(out);
+        write_frame(out, &mut self.chain, TokenType::Nack as u8, &[&nack.to_bytes()]);
+        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    /// Empties both dictionaries and starts a new epoch (RESET token).
+    pub fn reset(&mut self, out: &mut Vec<u8>) {
+        let start = out.len();
+        self.start(out);
+        self.new_epoch(out);
+        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    fn new_epoch(&mut self, out: &mut Vec<u8>) {
+        let epoch = self.store.epoch().wrapping_add(1);
+        self.store.reset(epoch);
+        write_frame(out, &mut self.chain, TokenType::Reset as u8, &[&epoch.to_be_bytes()]);
+        self.dirty = false;
+        self.stats.resets += 1;
+    }
+
+    fn start(&mut self, out: &mut Vec<u8>) {
+        if !self.started {
+            self.started = true;
+            let flags = if self.zstd.is_some() { FLAG_ZSTD } else { 0 };
+            let header = StreamHeader {
+                flags,
+                epoch: self.store.epoch(),
+                budget: self.store.budget(),
+                digest: self.store.digest(),
+            };
+            self.chain = header.emit(out);
+        }
+    }
+
+    fn emit_chunk(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if bytes.len() < self.config.min_define {
+            self.literal.extend_from_slice(bytes);
+            return;
+        }
+        let id = ChunkId::of(bytes);
+        if let Some(held) = self.store.get(id) {
+            // Compare the bytes, not just the hash: a collision must never become a reference.
+            if held.bytes()[..] != *bytes {
+                self.stats.collisions += 1;
+                self.literal.extend_from_slice(bytes);
+                return;
+            }
+            let (held, check) = (held.bytes().clone(), held.check());
+            self.flush_literal(out);
+            self.store.touch(id);
+            let (len, n) = varint3(bytes.len());
+            write_frame(
+                out,
+                &mut self.chain,
+                TokenType::Reference as u8,
+                &[&id.to_bytes(), &len[..n], &check.to_be_bytes()],
+            );
+            self.remember(id, held);
+            self.stats.references += 1;
+            self.stats.referenced_bytes += bytes.len() as u64;
+            self.dirty = true;
+            return;
+        }
+        if !self.store.fits(bytes.len()) {
+            self.literal.extend_from_slice(bytes);
+            return;
+        }
+        self.flush_literal(out);
+        self.store.define(id, Arc::from(bytes));
+        self.write_chunk(TokenType::Define, &id.to_bytes(), bytes, out);
+        self.stats.defines += 1;
+        self.stats.defined_bytes += bytes.len() as u64;
+        self.dirty = true;
+    }
+
+    fn remember(&mut self, id: ChunkId, bytes: Arc<[u8]>) {
+        self.recent_bytes += bytes.len();
+        self.recent.push_back((id, bytes));
+        while self.recent_bytes > self.config.repair_window {
+            let Some((_, b)) = self.recent.pop_front() else { break };
+            self.recent_bytes -= b.len();
+        }
+    }
+
+    fn flush_literal(&mut self, out: &mut Vec<u8>) {
+        if self.literal.is_empty() {
+            return;
+        }
+        let literal = std::mem::take(&mut self.literal);
+        self.stats.literal_bytes += literal.len() as u64;
+        for piece in literal.chunks(MAX_CHUNK) {
+            self.write_chunk(TokenType::Literal, &[], piece, out);
+        }
+        self.literal = literal;
+        self.literal.clear();
+    }
+
+    /// A LITERAL, DEFINE or REPAIR: `prefix` then the bytes, zstd-compressed when enabled and
+    /// smaller (then `prefix`, raw length varint, zstd frame).
+    fn write_chunk(&mut self, ty: TokenType, prefix: &[u8], bytes: &[u8], out: &mut Vec<u8>) {
+        if let Some(z) = self.zstd.as_mut().filter(|_| bytes.len() >= 64) {
+            self.zbuf.clear();
+            self.zbuf.reserve(zstd::zstd_safe::compress_bound(bytes.len()));
+            if z.compress_to_buffer(bytes, &mut self.zbuf).is_ok() && self.zbuf.len() + 3 < bytes.len() {
+                let (len, n) = varint3(bytes.len());
+                write_frame(out, &mut self.chain, ty as u8 | COMPRESSED, &[prefix, &len[..n], &self.zbuf]);
+                return;
+            }
+        }
+        write_frame(out, &mut self.chain, ty as u8, &[prefix, bytes]);
+    }
+}

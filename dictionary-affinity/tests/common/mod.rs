@@ -1,0 +1,213 @@
+//! Shared helpers for the codec tests: deterministic data and a two-proxy link harness.
+#![allow(dead_code)]
+
+use dictionary_affinity::codec::{DecodeError, RepairError};
+use dictionary_affinity::{ChunkerConfig, Decoder, DecoderConfig, Encoder, EncoderConfig, Event, Nack, Store};
+
+/// Small chunks, so that small inputs exercise many chunks and evictions.
+pub const SMALL_CHUNKS: ChunkerConfig = ChunkerConfig { min: 64, avg: 256, max: 1024 };
+
+/// Property-test cases: `default`, or `PROPTEST_CASES` from the environment for a longer soak.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// splitmix64: deterministic, dependency-free.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+const WORDS: &[&str] = &[
+    "proxy",
+    "cluster",
+    "member",
+    "dictionary",
+    "affinity",
+    "upstream",
+    "downstream",
+    "chunk",
+    "token",
+    "epoch",
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "consectetur",
+    "adipiscing",
+    "elit",
+    "sed",
+    "do",
+    "eiusmod",
+    "tempor",
+    "incididunt",
+    "ut",
+    "labore",
+    "et",
+    "dolore",
+    "magna",
+    "aliqua",
+    "enterprise",
+    "gateway",
+];
+
+/// About `n` bytes of HTML table rows: fixed markup, random words, ids, prices and dates.
+pub fn html_records(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::with_capacity(n + 512);
+    out.extend_from_slice(b"<!doctype html>\n<html><head><title>inventory</title></head><body><table>\n");
+    let mut row = 0u64;
+    while out.len() < n {
+        row += 1;
+        let words: Vec<&str> = (0..3 + rng.below(12)).map(|_| WORDS[rng.below(WORDS.len() as u64) as usize]).collect();
+        let line = format!(
+            "<tr class=\"row-{}\" data-id=\"{}\"><td>{}</td><td class=\"price\">{}.{:02} EUR</td><td>2024-{:02}-{:02}T{:02}:{:02}:00Z</td><td>{}</td></tr>\n",
+            row % 7,
+            rng.next() % 1_000_000,
+            words[0],
+            rng.below(5000),
+            rng.below(100),
+            1 + rng.below(12),
+            1 + rng.below(28),
+            rng.below(24),
+            rng.below(60),
+            words.join(" "),
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// A fresh encoder/decoder pair with the same budget.
+pub fn pair(budget: u64, config: EncoderConfig) -> (Encoder, Decoder) {
+    (Encoder::new(Store::new(budget), config).unwrap(), Decoder::new(Store::new(budget), DecoderConfig::default()))
+}
+
+/// What went over a link: decoded output and the NACKs the decoder raised.
+#[derive(Debug, Default)]
+pub struct LinkResult {
+    pub output: Vec<u8>,
+    pub nacks: Vec<Nack>,
+    pub wire_bytes: usize,
+}
+
+/// Why a link run stopped.
+#[derive(Debug, PartialEq)]
+pub enum LinkError {
+    Decode(DecodeError),
+    Repair(RepairError),
+}
+
+/// Sends `pieces` through `enc` (flushing after each piece whose index is in `flush_after`, and
+/// at the end), feeds the stream to `dec` in slices of `wire_split` bytes, and hands every NACK
+/// straight back to the encoder (zero-delay reverse path) until nothing is left to send.
+pub fn run_link(
+    enc: &mut Encoder,
+    dec: &mut Decoder,
+    pieces: &[&[u8]],
+    flush_after: &[usize],
+    wire_split: usize,
+) -> Result<LinkResult, (LinkResult, LinkError)> {
+    let mut r = LinkResult::default();
+    let mut wire = Vec::new();
+    let mut sent = 0;
+    let mut pump = |enc: &mut Encoder, wire: &mut Vec<u8>, r: &mut LinkResult| -> Result<(), LinkError> {
+        while sent < wire.len() {
+            let end = wire.len();
+            for slice in wire[sent..end].chunks(wire_split.max(1)) {
+                dec.decode(slice, &mut r.output).map_err(LinkError::Decode)?;
+            }
+            sent = end;
+            while let Some(ev) = dec.poll_event() {
+                if let Event::SendNack(n) = ev {
+                    r.nacks.push(n);
+                    enc.handle_nack(&n, wire).map_err(LinkError::Repair)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    let mut step = |enc: &mut Encoder, wire: &mut Vec<u8>, r: &mut LinkResult, i: Option<usize>| match i {
+        Some(i) => {
+            enc.encode(pieces[i], wire);
+            if flush_after.contains(&i) {
+                enc.flush(wire);
+            }
+            pump(enc, wire, r)
+        }
+        None => {
+            enc.flush(wire);
+            pump(enc, wire, r)
+        }
+    };
+    for i in 0..pieces.len() {
+        if let Err(e) = step(enc, &mut wire, &mut r, Some(i)) {
+            r.wire_bytes = wire.len();
+            return Err((r, e));
+        }
+    }
+    if let Err(e) = step(enc, &mut wire, &mut r, None) {
+        r.wire_bytes = wire.len();
+        return Err((r, e));
+    }
+    r.wire_bytes = wire.len();
+    if let Err(e) = dec.finish() {
+        return Err((r, LinkError::Decode(e)));
+    }
+    Ok(r)
+}
+
+/// Splits `data` at the given (unsorted, possibly out of range) cut points.
+pub fn split_at<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut cuts: Vec<usize> = cuts.iter().map(|&c| if data.is_empty() { 0 } else { c % (data.len() + 1) }).collect();
+    cuts.sort_unstable();
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for c in cuts {
+        pieces.push(&data[at..c]);
+        at = c;
+    }
+    pieces.push(&data[at..]);
+    pieces
+}
+
+/// Walks the frames of an encoded stream (after the 32-byte header) as docs/codec.md draws them:
+/// (offset, type byte, total length).
+pub fn frames(stream: &[u8]) -> Vec<(usize, u8, usize)> {
+    let mut v = Vec::new();
+    let mut at = 32;
+    while at < stream.len() {
+        let ty = stream[at];
+        let (mut len, mut n, mut shift) = (0usize, 0usize, 0);
+        loop {
+            let b = stream[at + 1 + n];
+            len |= usize::from(b & 0x7f) << shift;
+            n += 1;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let total = 1 + n + len + 4;
+        v.push((at, ty, total));
+        at += total;
+    }
+    v
+}
