@@ -33,6 +33,9 @@ pub struct TrackConfig {
     pub tcp_idle: Duration,
     /// Lifetime of a TCP connection whose destination never answered.
     pub embryonic: Duration,
+    /// Idle time after which a connection with a FIN in one direction only ends (the other
+    /// FIN may have bypassed the queue when it was full: fail-open).
+    pub half_closed_idle: Duration,
 }
 
 impl Default for TrackConfig {
@@ -42,6 +45,7 @@ impl Default for TrackConfig {
             udp_idle: Duration::from_secs(30),
             tcp_idle: Duration::from_secs(2 * 3600),
             embryonic: Duration::from_secs(30),
+            half_closed_idle: Duration::from_secs(30),
         }
     }
 }
@@ -106,6 +110,7 @@ impl Tracker {
                 Some(t) => now.duration_since(t) >= c.linger,
                 None if s.installed.protocol() == Protocol::Udp => now.duration_since(s.last_seen) >= c.udp_idle,
                 None if !s.heard_from_dst => now.duration_since(s.started) >= c.embryonic,
+                None if s.fin_from_src || s.fin_from_dst => now.duration_since(s.last_seen) >= c.half_closed_idle,
                 None => now.duration_since(s.last_seen) >= c.tcp_idle,
             };
             if done {
@@ -167,12 +172,18 @@ mod tests {
             udp_idle: Duration::from_secs(30),
             tcp_idle: Duration::from_secs(60),
             embryonic: Duration::from_secs(30),
+            half_closed_idle: Duration::from_secs(20),
         };
         let mut tr = Tracker::new(cfg);
         let c = seg(true, false, false).connection;
         tr.start(t0, c);
         tr.observe(t0, &seg(true, true, false));
         assert!(tr.ended(t0 + Duration::from_secs(10)).is_empty(), "one FIN is not the end");
+        let mut half = Tracker::new(cfg);
+        half.start(t0, c);
+        half.observe(t0, &seg(false, false, false));
+        half.observe(t0, &seg(true, true, false));
+        assert_eq!(half.ended(t0 + Duration::from_secs(20)), vec![c], "one FIN, then silence");
         let t1 = t0 + Duration::from_secs(11);
         tr.observe(t1, &seg(false, true, false));
         assert!(tr.ended(t1 + Duration::from_secs(1)).is_empty(), "linger");

@@ -126,6 +126,12 @@ pub struct Dataplane {
     /// Time after which a TCP connection whose destination never answered is removed.
     #[serde(default = "default_embryonic_ms")]
     pub embryonic_ms: u64,
+    /// Idle time after which a connection closed in one direction only is removed.
+    #[serde(default = "default_half_closed_ms")]
+    pub half_closed_ms: u64,
+    /// NFQUEUE length in packets; beyond it packets bypass the data plane (fail-open).
+    #[serde(default = "default_queue_len")]
+    pub queue_len: u32,
     /// Install and remove the netfilter rules (false: print them with `lb rules` and manage
     /// them yourself).
     #[serde(default = "default_true")]
@@ -315,6 +321,12 @@ fn default_tcp_idle_ms() -> u64 {
 }
 fn default_embryonic_ms() -> u64 {
     30_000
+}
+fn default_half_closed_ms() -> u64 {
+    30_000
+}
+fn default_queue_len() -> u32 {
+    8192
 }
 fn default_true() -> bool {
     true
@@ -617,6 +629,8 @@ impl Dataplane {
             ("udp_idle_ms", self.udp_idle_ms),
             ("tcp_idle_ms", self.tcp_idle_ms),
             ("embryonic_ms", self.embryonic_ms),
+            ("half_closed_ms", self.half_closed_ms),
+            ("queue_len", self.queue_len as u64),
         ] {
             if v == 0 {
                 return Err(invalid(format!("dataplane.{key}"), "must be at least 1"));

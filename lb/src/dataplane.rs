@@ -67,7 +67,8 @@ pub fn start(d: &Dataplane, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
     let tun = Tun::open(&d.tun).with_context(|| format!("cannot open TUN device {} (root needed)", d.tun))?;
     tun.configure().with_context(|| format!("cannot configure {}", d.tun))?;
     let tunnel = RawTunnel::open(mesh.address()).context("cannot open the raw IP-in-IP sockets (root needed)")?;
-    let queue = NfQueue::open(d.queue).with_context(|| format!("cannot bind NFQUEUE {}", d.queue))?;
+    let mut queue = NfQueue::open(d.queue).with_context(|| format!("cannot bind NFQUEUE {}", d.queue))?;
+    queue.set_max_len(d.queue_len).with_context(|| format!("cannot set the length of NFQUEUE {}", d.queue))?;
     let bypass = d
         .bypass
         .iter()
@@ -91,6 +92,7 @@ pub fn start(d: &Dataplane, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
                 udp_idle: Duration::from_millis(d.udp_idle_ms),
                 tcp_idle: Duration::from_millis(d.tcp_idle_ms),
                 embryonic: Duration::from_millis(d.embryonic_ms),
+                half_closed_idle: Duration::from_millis(d.half_closed_ms),
             },
         },
         classifier,
