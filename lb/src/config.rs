@@ -463,6 +463,16 @@ impl Config {
             std::fs::read(p).map_err(|e| invalid(format!("tls.{key}"), format!("cannot read {}: {e}", p.display())))
         };
         let (ca, cert, key) = (read("ca", &t.ca)?, read("cert", &t.cert)?, read("key", &t.key)?);
+        if !cluster_proto::mesh::tls::pem_names(&cert, self.node.address) {
+            return Err(invalid(
+                "tls.cert",
+                format!(
+                    "{} does not name this member's address {} in its subject alternative names: peers would refuse it",
+                    t.cert.display(),
+                    self.node.address
+                ),
+            ));
+        }
         let s = cluster_proto::mesh::tls::TlsSettings::from_pem(&ca, &cert, &key)
             .map_err(|e| invalid("tls", e.to_string()))?;
         Ok(Some(std::sync::Arc::new(s)))
@@ -491,11 +501,11 @@ impl Config {
                 format!("at most 10000 (a test aid), got {}", c.test_send_delay_ms),
             ));
         }
-        if c.max_entries_per_member == 0 || c.max_install_rate == 0 {
-            return Err(invalid(
-                "cluster.max_entries_per_member",
-                "max_entries_per_member and max_install_rate must be at least 1",
-            ));
+        if c.max_entries_per_member == 0 {
+            return Err(invalid("cluster.max_entries_per_member", "must be at least 1"));
+        }
+        if c.max_install_rate == 0 {
+            return Err(invalid("cluster.max_install_rate", "must be at least 1"));
         }
         if c.max_pending_joins == 0 {
             return Err(invalid("cluster.max_pending_joins", "must be at least 1"));

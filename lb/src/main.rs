@@ -155,7 +155,14 @@ fn real_main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let c = lb::config::Config::load(&config)?;
             let m = c.mesh()?;
-            println!("{}: ok, member {} of {}", config.display(), c.node.address, m.members.len());
+            let tls = c.tls_settings()?;
+            println!(
+                "{}: ok, member {} of {}, control channel {}",
+                config.display(),
+                c.node.address,
+                m.members.len(),
+                if tls.is_some() { "mutual TLS (certificate files read and checked)" } else { "plaintext" }
+            );
             for p in &m.members {
                 let retries = match p.connect_retries {
                     cluster_proto::mesh::Retries::Infinite => "infinite".to_string(),

@@ -100,7 +100,11 @@ impl TlsSettings {
         let tls = tokio::time::timeout(timeout, self.acceptor.accept(stream))
             .await
             .map_err(|_| "tls_timeout")?
-            .map_err(|_| "tls_handshake")?;
+            .map_err(|e| {
+                // The reason (unknown CA, expired, no certificate...) is what an operator needs.
+                tracing::warn!(%remote, error = %e, "TLS handshake with a connecting peer failed");
+                "tls_handshake"
+            })?;
         let named = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).is_some_and(|c| names(c, remote));
         if !named {
             return Err("tls_identity");
@@ -118,8 +122,17 @@ impl TlsSettings {
         tokio::time::timeout(timeout, self.connector.connect(ServerName::IpAddress(peer.into()), stream))
             .await
             .map_err(|_| "tls_timeout")?
-            .map_err(|_| "tls_handshake")
+            .map_err(|e| {
+                tracing::warn!(%peer, error = %e, "TLS handshake with a dialed peer failed");
+                "tls_handshake"
+            })
     }
+}
+
+/// True when the first certificate of a PEM chain names `ip` in its subject alternative
+/// names (to check a member's own certificate against its address at start-up).
+pub fn pem_names(cert_pem: &[u8], ip: IpAddr) -> bool {
+    CertificateDer::pem_slice_iter(cert_pem).next().and_then(|c| c.ok()).is_some_and(|c| names(&c, ip))
 }
 
 /// True when the certificate's subject alternative names include `ip`.
