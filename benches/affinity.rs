@@ -14,6 +14,7 @@
 //!
 //! Figures are printed to stderr (`cargo bench -p benches --bench affinity`).
 
+use dictionary_affinity::sample::Rng;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -73,21 +74,6 @@ const RARE: Scenario = Scenario {
     load_ms: 20,
 };
 
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
     let mut acc = 0.0;
     let mut v: Vec<f64> = (1..=n)
@@ -117,7 +103,7 @@ fn pair_addresses(i: u32) -> (Ipv4Addr, Ipv4Addr) {
 }
 
 fn workload(sc: &Scenario) -> Vec<Request> {
-    let mut rng = SplitMix(0x6166_6669_6e69_7479);
+    let mut rng = Rng(0x6166_6669_6e69_7479);
     let pairs = zipf_cdf(PAIRS, 1.0);
     let objects = zipf_cdf(sc.objects_per_pair, sc.object_zipf);
     // Popularity rank -> pair, shuffled so that popularity says nothing about the addresses.

@@ -12,90 +12,13 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dictionary_affinity::chunk::{ChunkId, Chunker};
+use dictionary_affinity::sample::{html_records, Rng};
 use dictionary_affinity::{Decoder, DecoderConfig, Encoder, EncoderConfig, Store};
 
 const SIZE: usize = 16 << 20;
 const BUDGET: u64 = 64 << 20;
 /// The encoder is fed as from a socket, in 64 KiB reads.
 const READ: usize = 64 * 1024;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-const WORDS: &[&str] = &[
-    "proxy",
-    "cluster",
-    "member",
-    "dictionary",
-    "affinity",
-    "upstream",
-    "downstream",
-    "chunk",
-    "token",
-    "epoch",
-    "lorem",
-    "ipsum",
-    "dolor",
-    "sit",
-    "amet",
-    "consectetur",
-    "adipiscing",
-    "elit",
-    "sed",
-    "do",
-    "eiusmod",
-    "tempor",
-    "incididunt",
-    "ut",
-    "labore",
-    "et",
-    "dolore",
-    "magna",
-    "aliqua",
-    "enterprise",
-    "gateway",
-];
-
-/// `n` bytes of HTML table rows (the same generator as the crate's savings test).
-fn html_records(n: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed);
-    let mut out = Vec::with_capacity(n + 512);
-    out.extend_from_slice(b"<!doctype html>\n<html><head><title>inventory</title></head><body><table>\n");
-    let mut row = 0u64;
-    while out.len() < n {
-        row += 1;
-        let words: Vec<&str> = (0..3 + rng.below(12)).map(|_| WORDS[rng.below(WORDS.len() as u64) as usize]).collect();
-        let line = format!(
-            "<tr class=\"row-{}\" data-id=\"{}\"><td>{}</td><td class=\"price\">{}.{:02} EUR</td><td>2024-{:02}-{:02}T{:02}:{:02}:00Z</td><td>{}</td></tr>\n",
-            row % 7,
-            rng.next() % 1_000_000,
-            words[0],
-            rng.below(5000),
-            rng.below(100),
-            1 + rng.below(12),
-            1 + rng.below(28),
-            rng.below(24),
-            rng.below(60),
-            words.join(" "),
-        );
-        out.extend_from_slice(line.as_bytes());
-    }
-    out.truncate(n);
-    out
-}
 
 fn encode_all(enc: &mut Encoder, data: &[u8], out: &mut Vec<u8>) {
     for piece in data.chunks(READ) {

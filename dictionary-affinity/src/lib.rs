@@ -19,6 +19,7 @@
 pub mod affinity;
 pub mod chunk;
 pub mod codec;
+pub mod sample;
 pub mod store;
 
 pub use chunk::{ChunkId, Chunker, ChunkerConfig};

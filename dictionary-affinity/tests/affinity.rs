@@ -1,6 +1,7 @@
 //! The affinity engine against its contract: the same choice on every member for the same
 //! inputs, the load bound, the rendezvous fallback, decay, and the advertisement codec.
 
+use dictionary_affinity::sample::Rng;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -36,19 +37,6 @@ fn loads(values: &[f64]) -> Vec<LoadReport> {
     values.iter().enumerate().map(|(i, &load)| LoadReport { member: MemberId(i as u8), load }).collect()
 }
 
-/// A small deterministic generator, so the test needs no randomness crate.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 #[test]
 fn the_best_dictionary_wins_whatever_the_client_host_or_port() {
     let e = AffinityEngine::new(AffinityConfig::default());
@@ -68,7 +56,7 @@ fn the_best_dictionary_wins_whatever_the_client_host_or_port() {
 #[test]
 fn two_engines_fed_in_different_orders_decide_alike() {
     let t0 = Instant::now();
-    let mut rng = SplitMix(7);
+    let mut rng = Rng(7);
     // Advertisements: (arrival time, batch); several epochs and re-advertisements per member.
     let mut batches: Vec<(Instant, Vec<DictStats>, Vec<LoadReport>)> = Vec::new();
     for round in 0..20u64 {
@@ -182,7 +170,7 @@ fn new_pairs_keep_off_members_above_the_new_pair_bound() {
 fn any_load_mix_keeps_the_owner_within_the_bound() {
     let e = AffinityEngine::new(AffinityConfig::default());
     let t = Instant::now();
-    let mut rng = SplitMix(11);
+    let mut rng = Rng(11);
     for i in 0..200 {
         let p = pair(i);
         e.observe(t, &[stats(p, (i % 4) as u8, 1000.0 + f64::from(i), 1)]);
