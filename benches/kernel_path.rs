@@ -58,17 +58,6 @@ impl ControlPlane for Alone {
     }
 }
 
-fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let _g = ns.enter().expect("enter");
-            f()
-        })
-        .join()
-        .expect("thread")
-    })
-}
-
 /// Sends BYTES from the sender to the receiver through the member; returns the time taken.
 fn transfer(snd: &Netns, rcv: &Netns) -> Duration {
     let to: SocketAddr = "198.18.11.2:5001".parse().expect("addr");
@@ -90,7 +79,7 @@ fn transfer(snd: &Netns, rcv: &Netns) -> Duration {
             c.write_all(b"k").expect("ack");
         });
         ready_rx.recv_timeout(Duration::from_secs(5)).expect("server up");
-        let t = in_ns(snd, || {
+        let t = snd.run(|| {
             let data = vec![0x42u8; 1 << 16];
             let t0 = Instant::now();
             let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");

@@ -154,26 +154,14 @@ impl Drop for Proc {
     }
 }
 
-fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let _g = ns.enter().unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 fn flows(ns: &Netns) -> lb::admin::FlowsView {
-    in_ns(ns, || lb::client::get_json("127.0.0.1:9741".parse().unwrap(), "/flows?limit=0").unwrap())
+    ns.run(|| lb::client::get_json("127.0.0.1:9741".parse().unwrap(), "/flows?limit=0").unwrap())
 }
 
 fn install(ns: &Netns, src: &str) {
     let body = format!(r#"{{"protocol":"tcp","src":"{src}","dst":"198.51.100.1:443"}}"#);
-    let (status, text) = in_ns(ns, || {
-        lb::client::request("127.0.0.1:9741".parse().unwrap(), "POST", "/connections", Some(&body)).unwrap()
-    });
+    let (status, text) =
+        ns.run(|| lb::client::request("127.0.0.1:9741".parse().unwrap(), "POST", "/connections", Some(&body)).unwrap());
     assert!(status == 201 || status == 200, "{text}");
 }
 
@@ -225,7 +213,7 @@ fn partition_and_heal_in_namespaces() {
     }
     for ns in &nss {
         wait_until("lb ready", Duration::from_secs(10), || {
-            in_ns(ns, || {
+            ns.run(|| {
                 lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/ready", None).is_ok_and(|r| r.0 == 200)
             })
         });

@@ -181,7 +181,7 @@ impl Topology {
         let m = Member { child, log };
         let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
         wait(&format!("{name} ready"), Duration::from_secs(10), || {
-            in_ns(ns, || lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200))
+            ns.run(|| lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200))
         });
         m
     }
@@ -208,18 +208,6 @@ impl Member {
     }
 }
 
-/// Runs `f` on a thread that has entered `ns`.
-fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|sc| {
-        sc.spawn(|| {
-            let _g = ns.enter().unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -230,7 +218,7 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 fn metric(ns: &Netns, name_and_labels: &str) -> u64 {
     let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
-    let text = in_ns(ns, || lb::client::request(admin, "GET", "/metrics", None).map(|r| r.1).unwrap_or_default());
+    let text = ns.run(|| lb::client::request(admin, "GET", "/metrics", None).map(|r| r.1).unwrap_or_default());
     text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
         as u64
 }
@@ -299,7 +287,7 @@ fn nix_setns(f: &std::fs::File) {
 /// One 1 MiB request/response from the client through A. Ok when every byte came back.
 fn exchange(t: &Topology, timeout: Duration) -> Result<SocketAddr, String> {
     let to = SocketAddr::new(t.f.server.parse().unwrap(), 80);
-    in_ns(&t.c, || {
+    t.c.run(|| {
         let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
         let local = s.local_addr().map_err(|e| format!("local address: {e}"))?;
         s.set_read_timeout(Some(timeout)).unwrap();
@@ -331,7 +319,7 @@ fn run_fig1(f: &'static Fam) {
     let r = exchange(&t, Duration::from_secs(6));
     if r.is_ok() {
         let dump =
-            in_ns(&t.a, || lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/metrics", None).unwrap().1);
+            t.a.run(|| lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/metrics", None).unwrap().1);
         let b_state = t.b.sh("ip -s link; ip route; iptables -t raw -S; ss -tan").unwrap_or_default();
         panic!(
             "without the cluster the request must fail (asymmetric return); server saw {:?}\nA log:\n{}\nA metrics:\n{}\nB:\n{}",
@@ -366,16 +354,15 @@ fn run_fig1(f: &'static Fam) {
     let finished = [client_side.to_string(), server_side.to_string()];
     let t0 = Instant::now();
     loop {
-        let flows = in_ns(&t.b, || {
-            lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/flows?limit=0", None).unwrap().1
-        });
+        let flows = t
+            .b
+            .run(|| lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/flows?limit=0", None).unwrap().1);
         if !finished.iter().any(|ep| flows.contains(&format!("\"src\":\"{ep}\""))) {
             break;
         }
         if t0.elapsed() > Duration::from_secs(10) {
-            let a_flows = in_ns(&t.a, || {
-                lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/flows", None).unwrap().1
-            });
+            let a_flows =
+                t.a.run(|| lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/flows", None).unwrap().1);
             panic!(
                 "A's finished connections {finished:?} were not removed at B:\nB /flows: {flows}\nA /flows: {a_flows}\nA log:\n{}",
                 a.log()

@@ -67,6 +67,19 @@ impl Netns {
         run(Command::new("ip").args(["-n", &self.name]).args(args))
     }
 
+    /// Runs `f` on a scoped thread that has entered the namespace, and returns its result
+    /// (the calling thread stays where it is). Panics in `f` propagate.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _guard = self.enter().unwrap_or_else(|e| panic!("cannot enter namespace {}: {e}", self.name));
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
     /// Moves the calling thread into the namespace until the returned guard is dropped.
     ///
     /// Only this thread moves (setns(2) on `/run/netns/NAME`); sockets it opens meanwhile stay
