@@ -94,7 +94,8 @@ impl Metrics {
         must(registry.register(Box::new(dp_held.clone())));
         let dp_up =
             must(IntGauge::new("lb_dataplane_up", "1 while the data-plane thread runs (0: traffic bypasses it)."));
-        must(registry.register(Box::new(dp_up.clone())));
+        // Registered by set_dataplane: a member without [dataplane] exports no lb_dataplane_up
+        // (a 0 there would look like a dead data plane to an alert).
         Arc::new(Metrics {
             registry,
             peers,
@@ -121,7 +122,11 @@ impl Metrics {
 
     /// Exports the data plane's counters too.
     pub fn set_dataplane(&self, stats: Arc<std::sync::Mutex<handoff::driver::DriverStats>>) {
-        *self.dataplane.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        let mut dp = self.dataplane.lock().unwrap_or_else(|e| e.into_inner());
+        if dp.is_none() {
+            must(self.registry.register(Box::new(self.dp_up.clone())));
+        }
+        *dp = Some(stats);
     }
 
     fn render_dataplane(&self) {
