@@ -347,6 +347,10 @@ fn run_fig1(f: &'static Fam) {
         "the proxy spoofed the client"
     );
     assert_eq!(server.served.load(Ordering::Relaxed), 1);
+    wait("the proxy's counters", Duration::from_secs(5), || {
+        metric(&t.a, "lb_proxy_connections_total{outcome=\"spoofed_ok\"}") >= 1
+            && metric(&t.a, "lb_proxy_bytes_total{direction=\"to_client\"}") >= PAYLOAD as u64
+    });
     // Both connections of that exchange (client side and spoofed server side) closed: after
     // the linger A sends REMOVE and B forgets them. (Leftovers of the failed attempt without
     // the cluster are judged by their own timers and are not what this checks.)

@@ -51,7 +51,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     // Dropped on any exit (error included): removes the proxy's rules.
     let _proxy_rules = match &config.proxy {
-        Some(p) => Some(start_proxy(p, stop_rx.clone()).await?),
+        Some(p) => Some(start_proxy(p, stop_rx.clone(), &metrics).await?),
         None => None,
     };
 
@@ -88,6 +88,7 @@ impl Drop for InstalledRules {
 async fn start_proxy(
     p: &crate::config::ProxySection,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    metrics: &Metrics,
 ) -> anyhow::Result<InstalledRules> {
     let proxy = crate::proxy::bind(crate::proxy::ProxyConfig {
         listen: p.listen,
@@ -98,6 +99,7 @@ async fn start_proxy(
     })
     .await
     .with_context(|| format!("cannot listen on proxy.listen {} (IP_TRANSPARENT needs root)", p.listen))?;
+    metrics.set_proxy(proxy.stats());
     let mut rules = Vec::new();
     if p.manage_rules {
         let families: &[bool] = if p.listen.is_ipv4() { &[false] } else { &[false, true] };

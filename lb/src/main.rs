@@ -188,10 +188,27 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Rules { config } => {
             let c = lb::config::Config::load(&config)?;
-            let Some(d) = &c.dataplane else {
-                bail!("{} has no [dataplane] section: lb installs no rules", config.display())
-            };
-            print!("{}", lb::rules::describe(d));
+            if c.dataplane.is_none() && c.proxy.is_none() {
+                bail!("{} has neither [dataplane] nor [proxy]: lb installs no rules", config.display());
+            }
+            if let Some(d) = &c.dataplane {
+                print!("{}", lb::rules::describe(d));
+            }
+            if let Some(p) = &c.proxy {
+                println!("\n# [proxy]: TPROXY, its policy rule and local route (removed on exit)");
+                let families: &[bool] = if p.listen.is_ipv4() { &[false] } else { &[false, true] };
+                for &v6 in families {
+                    for cmd in lb::proxy::tproxy_rules(
+                        p.listen.port(),
+                        &p.intercept_tcp_ports,
+                        p.tproxy_mark,
+                        p.route_table,
+                        v6,
+                    ) {
+                        println!("{}", cmd.join(" "));
+                    }
+                }
+            }
             Ok(())
         }
         Command::Demo { connections, keep_running } => {

@@ -31,6 +31,10 @@ pub struct Metrics {
     dp_decisions: IntCounterVec,
     dp_held: IntGauge,
     dp_up: IntGauge,
+    proxy: std::sync::Mutex<Option<Arc<crate::proxy::ProxyStats>>>,
+    proxy_conns: IntCounterVec,
+    proxy_bytes: IntCounterVec,
+    proxy_active: IntGauge,
     /// Data-plane counter values already added, to add only what is new at each scrape.
     dp_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -94,6 +98,19 @@ impl Metrics {
         must(registry.register(Box::new(dp_held.clone())));
         let dp_up =
             must(IntGauge::new("lb_dataplane_up", "1 while the data-plane thread runs (0: traffic bypasses it)."));
+        // The proxy's metrics are registered by set_proxy, for members with [proxy].
+        let proxy_conns = must(IntCounterVec::new(
+            Opts::new(
+                "lb_proxy_connections_total",
+                "Transparent proxy connections by outcome: accepted, refused, spoofed_ok, spoofed_failed, plain_ok, plain_failed, idle_timeout.",
+            ),
+            &["outcome"],
+        ));
+        let proxy_bytes = must(IntCounterVec::new(
+            Opts::new("lb_proxy_bytes_total", "Bytes relayed by the transparent proxy, by direction."),
+            &["direction"],
+        ));
+        let proxy_active = must(IntGauge::new("lb_proxy_active_connections", "Connections the proxy relays now."));
         // Registered by set_dataplane: a member without [dataplane] exports no lb_dataplane_up
         // (a 0 there would look like a dead data plane to an alert).
         Arc::new(Metrics {
@@ -116,6 +133,10 @@ impl Metrics {
             dp_decisions,
             dp_held,
             dp_up,
+            proxy: Default::default(),
+            proxy_conns,
+            proxy_bytes,
+            proxy_active,
             dp_seen: Default::default(),
         })
     }
@@ -127,6 +148,41 @@ impl Metrics {
             must(self.registry.register(Box::new(self.dp_up.clone())));
         }
         *dp = Some(stats);
+    }
+
+    /// Exports the transparent proxy's counters.
+    pub fn set_proxy(&self, stats: Arc<crate::proxy::ProxyStats>) {
+        let mut p = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_none() {
+            must(self.registry.register(Box::new(self.proxy_conns.clone())));
+            must(self.registry.register(Box::new(self.proxy_bytes.clone())));
+            must(self.registry.register(Box::new(self.proxy_active.clone())));
+        }
+        *p = Some(stats);
+    }
+
+    fn render_proxy(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(s) = self.proxy.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let mut seen = self.dp_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut add = |vec: &IntCounterVec, kind: &str, label: &str, value: u64| {
+            let before = seen.insert(format!("proxy-{kind}/{label}"), value).unwrap_or(0);
+            vec.with_label_values(&[label]).inc_by(value.saturating_sub(before));
+        };
+        for (label, v) in [
+            ("accepted", &s.accepted),
+            ("refused", &s.refused),
+            ("spoofed_ok", &s.spoofed_ok),
+            ("spoofed_failed", &s.spoofed_failed),
+            ("plain_ok", &s.plain_ok),
+            ("plain_failed", &s.plain_failed),
+            ("idle_timeout", &s.idle_timeouts),
+        ] {
+            add(&self.proxy_conns, "conns", label, v.load(Relaxed));
+        }
+        add(&self.proxy_bytes, "bytes", "to_server", s.bytes_to_server.load(Relaxed));
+        add(&self.proxy_bytes, "bytes", "to_client", s.bytes_to_client.load(Relaxed));
+        self.proxy_active.set(s.active.load(Relaxed) as i64);
     }
 
     fn render_dataplane(&self) {
@@ -188,6 +244,7 @@ impl Metrics {
         drop(seen);
         self.database_bytes.set((db.memory_bytes() + mesh.local().memory_bytes()) as i64);
         self.render_dataplane();
+        self.render_proxy();
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
