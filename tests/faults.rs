@@ -10,10 +10,9 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cluster_proto::mesh::{Mesh, MeshConfig, NoObserver, Retries};
+use cluster_proto::mesh::{Mesh, MeshConfig, Retries};
 use cluster_proto::session::SessionConfig;
 use cluster_proto::{Action, Connection, Protocol};
 use common::*;
@@ -28,14 +27,7 @@ fn cfg(me: IpAddr, port: u16, members: &[IpAddr]) -> MeshConfig {
 }
 
 async fn start(me: IpAddr, port: u16, members: &[IpAddr]) -> Mesh {
-    // A restarted member's listener may still be closing in this process: retry briefly.
-    for _ in 0..100 {
-        if let Ok(m) = Mesh::start(cfg(me, port, members), Arc::new(NoObserver)).await {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{me} could not start");
+    start_mesh(cfg(me, port, members)).await
 }
 
 fn conn(owner: u8, i: u32) -> Connection {
@@ -44,14 +36,11 @@ fn conn(owner: u8, i: u32) -> Connection {
     Connection::new(Protocol::Tcp, src, dst).unwrap()
 }
 
-fn view(m: &Mesh) -> u64 {
-    m.local().digest().wrapping_add(m.database().digest())
-}
-
 /// Every live member sees the same cluster: its own table plus every peer's.
 fn converged(ms: &[&Mesh]) -> bool {
     let total: usize = ms.iter().map(|m| m.local().len()).sum();
-    ms.iter().all(|m| m.local().len() + m.database().len() == total) && ms.iter().all(|m| view(m) == view(ms[0]))
+    ms.iter().all(|m| m.local().len() + m.database().len() == total)
+        && ms.iter().all(|m| m.view_digest() == ms[0].view_digest())
 }
 
 /// Installs and removes connections of `m` for a while: about half of them stay.

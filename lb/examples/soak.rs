@@ -31,10 +31,6 @@ fn conn(owner: usize, i: u64) -> Connection {
     Connection::new(Protocol::Tcp, src, dst).expect("one family")
 }
 
-fn view(m: &Mesh) -> u64 {
-    m.local().digest().wrapping_add(m.database().digest())
-}
-
 async fn start(addr: IpAddr, port: u16, addrs: &[IpAddr]) -> Mesh {
     let s = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3 };
     loop {
@@ -87,7 +83,7 @@ async fn main() {
         let t0 = Instant::now();
         let total = |ms: &[Mesh]| ms.iter().map(|m| m.local().len()).sum::<usize>();
         while !(ms.iter().all(|m| m.local().len() + m.database().len() == total(&ms))
-            && ms.iter().all(|m| view(m) == view(&ms[0])))
+            && ms.iter().all(|m| m.view_digest() == ms[0].view_digest()))
         {
             if t0.elapsed() > Duration::from_secs(30) {
                 println!("  NOT converged after 30 s");

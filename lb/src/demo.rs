@@ -66,11 +66,6 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     Ok(t0.elapsed())
 }
 
-/// Everything one member knows: its own table plus its database.
-fn view_digest(m: &Mesh) -> u64 {
-    m.local().digest().wrapping_add(m.database().digest())
-}
-
 /// Runs the demo and prints what happened.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     if opts.connections == 0 || opts.connections > 200_000 {
@@ -123,7 +118,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let meshes: Vec<Mesh> = members.iter().map(|m| m.mesh.clone()).collect();
     wait_for("convergence", Duration::from_secs(30), || {
         meshes.iter().all(|m| m.database().len() == 2 * n)
-            && meshes.iter().all(|m| view_digest(m) == view_digest(&meshes[0]))
+            && meshes.iter().all(|m| m.view_digest() == meshes[0].view_digest())
     })
     .await?;
     let t = t0.elapsed();
@@ -147,7 +142,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             db.len(),
             fwd,
             byp,
-            view_digest(&m.mesh)
+            m.mesh.view_digest()
         );
     }
 

@@ -103,3 +103,18 @@ impl RawPeer {
         }
     }
 }
+
+/// Starts a mesh member. A member restarted in this process may find its killed
+/// predecessor's listener still closing on its own task (a restarted process would not):
+/// the bind is retried for up to 2 s.
+pub async fn start_mesh(config: cluster_proto::mesh::MeshConfig) -> cluster_proto::mesh::Mesh {
+    let me = config.address;
+    for _ in 0..100 {
+        let observer = std::sync::Arc::new(cluster_proto::mesh::NoObserver);
+        if let Ok(m) = cluster_proto::mesh::Mesh::start(config.clone(), observer).await {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{me} could not start");
+}

@@ -315,6 +315,12 @@ impl Mesh {
         &self.inner.db
     }
 
+    /// An order-independent digest of everything this member knows (its own table plus its
+    /// database): equal on two members exactly when they see the same cluster.
+    pub fn view_digest(&self) -> u64 {
+        self.inner.local.digest().wrapping_add(self.inner.db.digest())
+    }
+
     /// Control messages counted by type and action.
     pub fn messages(&self) -> &MessageCounters {
         &self.inner.messages
