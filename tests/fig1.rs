@@ -15,6 +15,7 @@
 //!
 //! Every namespace, veth and process is this test's own, removed on success and failure.
 
+mod common;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::wait_until;
 use handoff::netns::{veth, Netns};
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
@@ -180,7 +182,7 @@ impl Topology {
             .unwrap();
         let m = Member { child, log };
         let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
-        wait(&format!("{name} ready"), Duration::from_secs(10), || {
+        wait_until(&format!("{name} ready"), Duration::from_secs(10), || {
             ns.run(|| lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200))
         });
         m
@@ -205,14 +207,6 @@ impl Member {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -332,14 +326,14 @@ fn run_fig1(f: &'static Fam) {
 
     // B joins the cluster: the same request succeeds.
     let b = t.start(&t.b, "b", t.config(f.b_cluster, false, 0));
-    wait("A and B established", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
+    wait_until("A and B established", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
     let client_side = exchange(&t, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("clustered exchange failed: {e}\nA:\n{}\nB:\n{}", a.log(), b.log()));
     // The data plane publishes its counters every 100 ms.
-    wait("B's encapsulation counter", Duration::from_secs(3), || {
+    wait_until("B's encapsulation counter", Duration::from_secs(3), || {
         metric(&t.b, "lb_dataplane_packets_total{outcome=\"encapsulated\"}") > 100
     });
-    wait("A's decapsulation counter", Duration::from_secs(3), || {
+    wait_until("A's decapsulation counter", Duration::from_secs(3), || {
         metric(&t.a, "lb_dataplane_packets_total{outcome=\"decapsulated\"}") > 100
     });
     assert!(
@@ -347,7 +341,7 @@ fn run_fig1(f: &'static Fam) {
         "the proxy spoofed the client"
     );
     assert_eq!(server.served.load(Ordering::Relaxed), 1);
-    wait("the proxy's counters", Duration::from_secs(5), || {
+    wait_until("the proxy's counters", Duration::from_secs(5), || {
         metric(&t.a, "lb_proxy_connections_total{outcome=\"spoofed_ok\"}") >= 1
             && metric(&t.a, "lb_proxy_bytes_total{direction=\"to_client\"}") >= PAYLOAD as u64
     });
@@ -397,19 +391,19 @@ fn run_fig1_delayed_install_and_restart(f: &'static Fam) {
     // A's updates reach B 400 ms late: the server's SYN-ACK beats the INSTALL to B.
     let a = t.start(&t.a, "a", t.config(f.a_cluster, true, 400));
     let b = t.start(&t.b, "b", t.config(f.b_cluster, false, 0));
-    wait("A and B established", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
+    wait_until("A and B established", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
     exchange(&t, Duration::from_secs(20)).unwrap_or_else(|e| panic!("delayed exchange failed: {e}\nB:\n{}", b.log()));
-    wait("the SYN-ACK held at B", Duration::from_secs(3), || {
+    wait_until("the SYN-ACK held at B", Duration::from_secs(3), || {
         metric(&t.b, "lb_dataplane_packets_total{outcome=\"held\"}") >= 1
     });
-    wait("and released by the INSTALL", Duration::from_secs(3), || {
+    wait_until("and released by the INSTALL", Duration::from_secs(3), || {
         metric(&t.b, "lb_dataplane_packets_total{outcome=\"released\"}") >= 1
     });
 
     // Restart B: it rejoins, and new connections succeed.
     drop(b);
     let b = t.start(&t.b, "b2", t.config(f.b_cluster, false, 0));
-    wait("B rejoined", Duration::from_secs(10), || metric(&t.b, "lb_peers{state=\"established\"}") == 1);
+    wait_until("B rejoined", Duration::from_secs(10), || metric(&t.b, "lb_peers{state=\"established\"}") == 1);
     exchange(&t, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("exchange after B's restart failed: {e}\nB:\n{}", b.log()));
     assert_eq!(metric(&t.b, "lb_dataplane_up"), 1);
@@ -417,7 +411,7 @@ fn run_fig1_delayed_install_and_restart(f: &'static Fam) {
     // kill -9 A: its rules stay behind; the restarted A clears them and works.
     drop(a);
     let a = t.start(&t.a, "a2", t.config(f.a_cluster, true, 0));
-    wait("A rejoined", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
+    wait_until("A rejoined", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
     exchange(&t, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("exchange after A's restart failed: {e}\nA:\n{}", a.log()));
     let rules = t.a.sh("iptables -t mangle -S | grep -c TPROXY; ip -4 rule | grep -c 'lookup 100'").unwrap();
