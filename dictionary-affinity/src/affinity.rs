@@ -607,6 +607,10 @@ pub struct AffinityConfig {
     /// load (default 1.1, between 1 and `load_bound`): it keeps headroom on the members whose
     /// dictionaries attract traffic, so their own pairs do not spill.
     pub new_pair_bound: f64,
+    /// Headroom in load units (connections) that every bound grants above the average at least
+    /// (default 0): with few connections, `1.25 x` a small average is less than one connection,
+    /// and a pair's own next connection would already count as over the bound.
+    pub load_slack: f64,
     /// Statistics not re-advertised for this long are ignored (default 1 h).
     pub max_age: Duration,
     /// Load reports older than this count as unknown (default 10 s).
@@ -626,6 +630,7 @@ impl Default for AffinityConfig {
             half_life: Duration::from_secs(300),
             load_bound: 1.25,
             new_pair_bound: 1.1,
+            load_slack: 0.0,
             max_age: Duration::from_secs(3600),
             max_load_age: Duration::from_secs(10),
             min_score: 0.0,
@@ -800,6 +805,9 @@ impl AffinityEngine {
         if config.min_score.is_nan() || config.min_score < 0.0 {
             config.min_score = 0.0;
         }
+        if !config.load_slack.is_finite() || config.load_slack < 0.0 {
+            config.load_slack = 0.0;
+        }
         let pairs = Cache::builder()
             .max_capacity(config.max_pairs)
             .time_to_idle(config.idle_expiry.max(Duration::from_secs(1)));
@@ -902,8 +910,9 @@ impl AffinityEngine {
             return Bound { within: live, cool: live, average: None, limit: None };
         }
         let average = sum / f64::from(n);
-        let limit = self.config.load_bound * average;
-        let cool_limit = self.config.new_pair_bound * average;
+        let slack = self.config.load_slack;
+        let limit = (self.config.load_bound * average).max(average + slack);
+        let cool_limit = (self.config.new_pair_bound * average).max(average + slack);
         let (mut within, mut cool) = (MemberSet::default(), MemberSet::default());
         for m in live.iter() {
             let load = self.load_of(v, m);
@@ -1007,9 +1016,10 @@ impl AffinityEngine {
             (Some(avg), Some(limit)) => {
                 let _ = write!(
                     out,
-                    "; load bound {} x average {avg:.1} = {limit:.1} (new pairs {:.1})",
+                    "; load bound {} x average {avg:.1} (slack {}) = {limit:.1} (new pairs {:.1})",
                     self.config.load_bound,
-                    self.config.new_pair_bound * avg
+                    self.config.load_slack,
+                    (self.config.new_pair_bound * avg).max(avg + self.config.load_slack)
                 );
             }
             _ => out.push_str("; no load reports, every member within the bound"),

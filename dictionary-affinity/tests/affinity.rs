@@ -262,7 +262,7 @@ fn explain_says_why() {
     e.observe_loads(t, &loads(&[10.0, 12.0, 10.0]));
     let text = e.explain(&p, &live(3));
     assert!(text.starts_with("pair 192.0.32.0/24 -> 198.51.100.30/32: owner 1 (affinity, 4096 bytes saved"), "{text}");
-    assert!(text.contains("load bound 1.25 x average 10.7 = 13.3 (new pairs 11.7)"), "{text}");
+    assert!(text.contains("load bound 1.25 x average 10.7 (slack 0) = 13.3 (new pairs 11.7)"), "{text}");
     assert!(text.contains("member 1: load 12.0 (within bound), 4096 bytes saved (decayed; epoch 2"), "{text}");
     assert!(text.contains("member 2: load 10.0 (within bound), no dictionary advertised"), "{text}");
     e.observe_loads(t, &loads(&[10.0, 20.0, 10.0]));
@@ -346,4 +346,32 @@ proptest! {
         let adv = decode_advertisement(&encode_advertisement(&stats, &[])).unwrap();
         prop_assert_eq!(adv.stats, stats);
     }
+}
+
+#[test]
+fn load_slack_keeps_a_pair_home_when_loads_are_a_few_connections() {
+    let t = Instant::now();
+    let p = pair(3);
+    // Member 1 holds the pair's dictionary and two of its connections; the others are idle.
+    let decide = |slack: f64| {
+        let e = AffinityEngine::new(AffinityConfig { load_slack: slack, ..AffinityConfig::default() });
+        e.observe(t, &[stats(p, 1, 50_000.0, 1)]);
+        e.observe_loads(t, &loads(&[0.0, 2.0, 0.0, 0.0]));
+        e.decide(&p, &live(4), MemberId(0))
+    };
+    // Average 0.5: 1.25 x 0.5 is under one connection, so without slack the pair leaves home.
+    let d = decide(0.0);
+    assert_ne!(d.owner, MemberId(1));
+    assert_eq!(d.reason, Reason::AffinityLoadBoundFallback);
+    // Four connections of headroom keep it with its dictionary.
+    let d = decide(4.0);
+    assert_eq!((d.owner, d.reason), (MemberId(1), Reason::Affinity));
+    // A busy member still sheds pairs once it is more than the slack above the average.
+    let e = AffinityEngine::new(AffinityConfig { load_slack: 4.0, ..AffinityConfig::default() });
+    e.observe(t, &[stats(p, 1, 50_000.0, 1)]);
+    e.observe_loads(t, &loads(&[0.0, 12.0, 0.0, 0.0]));
+    assert_ne!(e.decide(&p, &live(4), MemberId(0)).owner, MemberId(1));
+    // Nonsense is ignored.
+    let e = AffinityEngine::new(AffinityConfig { load_slack: f64::NAN, ..AffinityConfig::default() });
+    assert_eq!(e.config().load_slack, 0.0);
 }
