@@ -25,6 +25,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once everything the configuration asks for (data plane, proxy) is running.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The data plane's owner steering, to say why flows have their owners.
+    pub steering: Option<Arc<crate::steering::Steering>>,
 }
 
 /// The API's routes.
@@ -97,6 +99,8 @@ pub struct FlowQuery {
     pub protocol: Option<String>,
     /// At most this many flows in the answer (default 1000, 0 for all).
     pub limit: Option<usize>,
+    /// With the affinity policy: add the engine's reasoning for each flow's pair.
+    pub explain: Option<bool>,
 }
 
 /// One connection as shown by `GET /flows` and `lb flows`.
@@ -116,6 +120,13 @@ pub struct FlowView {
     pub local: bool,
     /// Seconds since it was installed here.
     pub age_secs: u32,
+    /// Why the flow has its owner, when this member chose the owner (owner policy reason,
+    /// e.g. "affinity", "rendezvous_no_dictionary", "rendezvous").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// With `explain=true` and the affinity policy: scores, loads and bound for the flow's pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<String>,
 }
 
 /// `GET /flows` body: the whole cluster's connections as this member knows them.
@@ -134,7 +145,10 @@ async fn flows(
     q: Result<Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(q)) = q else {
-        return error(StatusCode::BAD_REQUEST, "bad query: use member=ADDR, addr=ADDR, protocol=tcp|udp, limit=N");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad query: use member=ADDR, addr=ADDR, protocol=tcp|udp, limit=N, explain=true|false",
+        );
     };
     let protocol = match q.protocol.as_deref().map(str::parse::<Protocol>) {
         None => None,
@@ -147,6 +161,9 @@ async fn flows(
         Some(n) => n,
     };
     let me = s.mesh.address();
+    let steering = s.steering.as_deref();
+    let explainer = steering.filter(|_| q.explain == Some(true)).and_then(|st| st.affinity().map(|e| (st, e)));
+    let eligible = explainer.map(|(st, _)| st.eligible(&s.mesh.live_members())).unwrap_or_default();
     let (db_now, local_now) = (s.mesh.database().now_secs(), s.mesh.local().entry_now_secs());
     let mut out = Vec::new();
     let mut total = 0;
@@ -167,6 +184,8 @@ async fn flows(
                 owner,
                 local,
                 age_secs: now.wrapping_sub(e.installed_at) & ((1 << 20) - 1),
+                reason: steering.and_then(|st| st.recorded(&e.connection)).map(|r| r.reason.to_string()),
+                explain: explainer.map(|(_, engine)| engine.explain(&engine.pair(&e.connection), &eligible)),
             });
         }
     };

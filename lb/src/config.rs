@@ -34,6 +34,144 @@ pub struct Config {
     pub proxy: Option<ProxySection>,
     /// `[tls]`: mutual TLS on the control channel.
     pub tls: Option<TlsSection>,
+    /// `[affinity]`: the dictionary-affinity owner policy (`dataplane.policy = "affinity"`)
+    /// and the dictionary statistics this member advertises.
+    #[serde(default)]
+    pub affinity: AffinitySection,
+}
+
+/// `[affinity]`: settings of the affinity engine; they must be the same on every member so
+/// that every load-balancing member makes the same choice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinitySection {
+    /// IPv4 client prefix length that makes a pair (one site behind a spoofing downstream).
+    #[serde(default = "default_v4_client")]
+    pub client_prefix_v4: u8,
+    /// IPv4 server prefix length.
+    #[serde(default = "default_v4_server")]
+    pub server_prefix_v4: u8,
+    /// IPv6 client prefix length.
+    #[serde(default = "default_v6_client")]
+    pub client_prefix_v6: u8,
+    /// IPv6 server prefix length.
+    #[serde(default = "default_v6_server")]
+    pub server_prefix_v6: u8,
+    /// Half-life of the decayed bytes saved, in seconds.
+    #[serde(default = "default_half_life_s")]
+    pub half_life_s: u64,
+    /// A member qualifies when its load is at most this times the average (>= 1).
+    #[serde(default = "default_load_bound")]
+    pub load_bound: f64,
+    /// New pairs (no dictionary anywhere) go to members at most this times the average.
+    #[serde(default = "default_new_pair_bound")]
+    pub new_pair_bound: f64,
+    /// Connections of headroom every bound grants above the average at least.
+    #[serde(default = "default_load_slack")]
+    pub load_slack: f64,
+    /// How often dictionary statistics (DICT_STATS) are advertised, in milliseconds.
+    #[serde(default = "default_advertise_ms")]
+    pub advertise_ms: u64,
+    /// Most pairs tracked by the engine and by this member's ledger.
+    #[serde(default = "default_max_pairs")]
+    pub max_pairs: u64,
+}
+
+impl Default for AffinitySection {
+    fn default() -> Self {
+        toml::from_str("").expect("every [affinity] key has a default")
+    }
+}
+
+fn default_v4_client() -> u8 {
+    24
+}
+fn default_v4_server() -> u8 {
+    32
+}
+fn default_v6_client() -> u8 {
+    64
+}
+fn default_v6_server() -> u8 {
+    128
+}
+fn default_half_life_s() -> u64 {
+    300
+}
+fn default_load_bound() -> f64 {
+    1.25
+}
+fn default_new_pair_bound() -> f64 {
+    1.1
+}
+fn default_load_slack() -> f64 {
+    4.0
+}
+fn default_advertise_ms() -> u64 {
+    1000
+}
+fn default_max_pairs() -> u64 {
+    262_144
+}
+
+impl AffinitySection {
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v, max) in [
+            ("client_prefix_v4", self.client_prefix_v4, 32),
+            ("server_prefix_v4", self.server_prefix_v4, 32),
+            ("client_prefix_v6", self.client_prefix_v6, 128),
+            ("server_prefix_v6", self.server_prefix_v6, 128),
+        ] {
+            if v > max {
+                return Err(invalid(format!("affinity.{key}"), format!("must be at most {max}, got {v}")));
+            }
+        }
+        if !(self.load_bound.is_finite() && self.load_bound >= 1.0) {
+            return Err(invalid("affinity.load_bound", format!("must be at least 1, got {}", self.load_bound)));
+        }
+        if !(self.new_pair_bound >= 1.0 && self.new_pair_bound <= self.load_bound) {
+            return Err(invalid(
+                "affinity.new_pair_bound",
+                format!("must be between 1 and load_bound ({}), got {}", self.load_bound, self.new_pair_bound),
+            ));
+        }
+        if !(self.load_slack.is_finite() && self.load_slack >= 0.0) {
+            return Err(invalid("affinity.load_slack", format!("must be 0 or more, got {}", self.load_slack)));
+        }
+        if self.half_life_s == 0 {
+            return Err(invalid("affinity.half_life_s", "must be at least 1"));
+        }
+        if !(50..=60_000).contains(&self.advertise_ms) {
+            return Err(invalid(
+                "affinity.advertise_ms",
+                format!("must be between 50 and 60000, got {}", self.advertise_ms),
+            ));
+        }
+        if self.max_pairs < 16 {
+            return Err(invalid("affinity.max_pairs", format!("must be at least 16, got {}", self.max_pairs)));
+        }
+        Ok(())
+    }
+
+    /// The engine's settings.
+    pub fn engine_config(&self) -> dictionary_affinity::affinity::AffinityConfig {
+        use dictionary_affinity::affinity::{AffinityConfig, PairGranularity};
+        AffinityConfig {
+            granularity: PairGranularity {
+                v4_client: self.client_prefix_v4,
+                v4_server: self.server_prefix_v4,
+                v6_client: self.client_prefix_v6,
+                v6_server: self.server_prefix_v6,
+            },
+            half_life: Duration::from_secs(self.half_life_s),
+            load_bound: self.load_bound,
+            new_pair_bound: self.new_pair_bound,
+            load_slack: self.load_slack,
+            max_pairs: self.max_pairs,
+            ..AffinityConfig::default()
+        }
+    }
 }
 
 /// `[tls]`: the member's credentials for the mutual-TLS control channel.
@@ -108,9 +246,14 @@ pub struct Dataplane {
     /// Hold queue bound in bytes.
     #[serde(default = "default_hold_bytes")]
     pub hold_bytes: usize,
-    /// Owner policy for new flows: "local" or "rendezvous".
+    /// Owner policy for new flows: "local", "rendezvous" (5-tuple hash), "pair-rendezvous"
+    /// (client/server address hash) or "affinity" (best dictionary within the load bound).
     #[serde(default = "default_policy")]
     pub policy: String,
+    /// Cluster addresses of the members that may own new flows (default: every member), e.g.
+    /// the upstream proxies behind load-balancing members.
+    #[serde(default)]
+    pub owners: Vec<IpAddr>,
     /// New connections with an endpoint in one of these networks are installed as BYPASS.
     #[serde(default)]
     pub bypass: Vec<BypassEntry>,
@@ -408,8 +551,14 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         c.mesh()?;
+        c.affinity.validate()?;
         if let Some(d) = &c.dataplane {
             d.validate()?;
+            for o in &d.owners {
+                if !c.cluster.members.contains(o) {
+                    return Err(invalid("dataplane.owners", format!("{o} is not in cluster.members")));
+                }
+            }
         }
         match (&c.tls, c.cluster.plaintext) {
             (None, false) => {
@@ -628,8 +777,11 @@ impl Dataplane {
         if self.hold_bytes < 65_536 {
             return Err(invalid("dataplane.hold_bytes", format!("must be at least 65536, got {}", self.hold_bytes)));
         }
-        if !matches!(self.policy.as_str(), "local" | "rendezvous") {
-            return Err(invalid("dataplane.policy", format!("{:?} is not a policy (local, rendezvous)", self.policy)));
+        if !matches!(self.policy.as_str(), "local" | "rendezvous" | "pair-rendezvous" | "affinity") {
+            return Err(invalid(
+                "dataplane.policy",
+                format!("{:?} is not a policy (local, rendezvous, pair-rendezvous, affinity)", self.policy),
+            ));
         }
         for (i, b) in self.bypass.iter().enumerate() {
             parse_cidr(&b.net).map_err(|e| invalid(format!("dataplane.bypass[{i}].net"), e))?;
@@ -739,5 +891,63 @@ listen = "127.0.0.1:9741"
             let e = err(&text);
             assert!(e.contains(want), "error {e:?} should mention {want:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod affinity_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[node]
+address = "198.18.0.1"
+[cluster]
+plaintext = true
+members = ["198.18.0.1", "198.18.0.2", "198.18.0.21", "198.18.0.22"]
+[dataplane]
+intercept_tcp_ports = [80]
+policy = "affinity"
+owners = ["198.18.0.21", "198.18.0.22"]
+"#;
+
+    #[test]
+    fn affinity_policy_with_owners_and_settings() {
+        let c = Config::parse(&format!("{BASE}[affinity]\nload_bound = 1.5\nload_slack = 2\nclient_prefix_v4 = 16\n"))
+            .unwrap();
+        let d = c.dataplane.as_ref().unwrap();
+        assert_eq!(d.policy, "affinity");
+        assert_eq!(d.owners.len(), 2);
+        let e = c.affinity.engine_config();
+        assert_eq!((e.load_bound, e.load_slack, e.granularity.v4_client), (1.5, 2.0, 16));
+        assert_eq!(e.new_pair_bound, 1.1);
+        // Defaults without the section.
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!((c.affinity.load_bound, c.affinity.load_slack, c.affinity.advertise_ms), (1.25, 4.0, 1000));
+        for p in ["local", "rendezvous", "pair-rendezvous"] {
+            Config::parse(&BASE.replace("\"affinity\"", &format!("{p:?}"))).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_affinity_settings_name_the_key() {
+        let err = |t: String| Config::parse(&t).unwrap_err().to_string();
+        for (extra, key) in [
+            ("load_bound = 0.9", "affinity.load_bound"),
+            ("new_pair_bound = 2.0", "affinity.new_pair_bound"),
+            ("load_slack = -1", "affinity.load_slack"),
+            ("client_prefix_v4 = 33", "affinity.client_prefix_v4"),
+            ("server_prefix_v6 = 129", "affinity.server_prefix_v6"),
+            ("half_life_s = 0", "affinity.half_life_s"),
+            ("advertise_ms = 10", "affinity.advertise_ms"),
+            ("max_pairs = 1", "affinity.max_pairs"),
+            ("bogus = 1", "bogus"),
+        ] {
+            let e = err(format!("{BASE}[affinity]\n{extra}\n"));
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = err(BASE.replace("owners = [\"198.18.0.21\", \"198.18.0.22\"]", "owners = [\"198.18.0.99\"]"));
+        assert!(e.contains("dataplane.owners") && e.contains("198.18.0.99"), "{e}");
+        let e = err(BASE.replace("\"affinity\"", "\"best\""));
+        assert!(e.contains("dataplane.policy") && e.contains("pair-rendezvous"), "{e}");
     }
 }

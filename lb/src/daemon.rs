@@ -29,10 +29,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // must not be left behind if a later step fails.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steering = config.dataplane.as_ref().map(|d| crate::dataplane::steering(d, &config.affinity, &mesh));
+    if let Some(st) = &steering {
+        metrics.set_steering(st.clone());
+    }
     let mut stop_admin = stop_rx.clone();
     let admin = admin::serve(
         config.admin.listen,
-        AdminState { mesh: mesh.clone(), metrics: metrics.clone(), ready: ready.clone() },
+        AdminState { mesh: mesh.clone(), metrics: metrics.clone(), ready: ready.clone(), steering: steering.clone() },
         async move {
             let _ = stop_admin.wait_for(|s| *s).await;
         },
@@ -40,14 +44,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
     tracing::info!(listen = %config.admin.listen, "admin API up");
-    let dataplane = match &config.dataplane {
-        Some(d) => {
-            let dp = crate::dataplane::start(d, &mesh)?;
+    let dataplane = match (&config.dataplane, &steering) {
+        (Some(d), Some(st)) => {
+            let dp = crate::dataplane::start(d, st.clone(), &mesh)?;
             metrics.set_dataplane(dp.stats.clone());
             tracing::info!(queue = d.queue, tun = %d.tun, policy = %d.policy, "data plane started");
             Some(dp)
         }
-        None => None,
+        _ => None,
     };
     // Dropped on any exit (error included): removes the proxy's rules.
     let _proxy_rules = match &config.proxy {

@@ -12,11 +12,13 @@ use handoff::classify::{BypassRule, Classifier};
 use handoff::driver::{ControlPlane, Devices, Driver, DriverStats};
 use handoff::engine::{Engine, EngineConfig};
 use handoff::io::{nfqueue::NfQueue, raw::RawTunnel, tun::Tun};
-use handoff::policy::{LocalOnly, OwnerPolicy, Rendezvous, RendezvousKey};
 use handoff::track::TrackConfig;
 
-use crate::config::{parse_cidr, Dataplane};
+use dictionary_affinity::affinity::AffinityEngine;
+
+use crate::config::{parse_cidr, AffinitySection, Dataplane};
 use crate::rules;
+use crate::steering::{PolicyKind, Steering, SteeringPolicy};
 
 /// The mesh as the data plane sees it.
 pub struct MeshControl(pub Mesh);
@@ -54,16 +56,37 @@ pub struct RunningDataplane {
     managed_rules: bool,
 }
 
-/// The owner policy named in the configuration.
-pub fn policy(name: &str) -> Box<dyn OwnerPolicy> {
-    match name {
-        "rendezvous" => Box::new(Rendezvous { key: RendezvousKey::Connection }),
-        _ => Box::new(LocalOnly),
-    }
+/// The owner steering `[dataplane] policy` and `owners` describe (`[affinity]` for the
+/// affinity engine's settings).
+pub fn steering(d: &Dataplane, affinity: &AffinitySection, mesh: &Mesh) -> Arc<Steering> {
+    let members = mesh.members();
+    let kind = match d.policy.as_str() {
+        "rendezvous" => PolicyKind::Rendezvous,
+        "pair-rendezvous" => PolicyKind::PairRendezvous,
+        "affinity" => PolicyKind::Affinity(Arc::new(AffinityEngine::new(affinity.engine_config()))),
+        _ => PolicyKind::Local,
+    };
+    let owners = (!d.owners.is_empty()).then(|| {
+        d.owners
+            .iter()
+            .filter_map(|a| members.iter().position(|m| m == a).map(|i| MemberId(i as u8)))
+            .collect::<Vec<_>>()
+    });
+    // Decisions are remembered about as long as a flow's packets may still be asked about.
+    let steering = Arc::new(Steering::new(kind, owners, Duration::from_secs(600), 1 << 18));
+    let counted: Vec<MemberId> = match steering.owners() {
+        Some(o) => o.to_vec(),
+        None => (0..members.len()).map(|i| MemberId(i as u8)).collect(),
+    };
+    let mesh = mesh.clone();
+    steering.set_load_source(Box::new(move || {
+        crate::affinity::database_loads(mesh.me(), mesh.local(), mesh.database(), &counted)
+    }));
+    steering
 }
 
 /// Opens the devices, installs the rules and starts the driver thread.
-pub fn start(d: &Dataplane, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
+pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
     let tun = Tun::open(&d.tun).with_context(|| format!("cannot open TUN device {} (root needed)", d.tun))?;
     tun.configure().with_context(|| format!("cannot configure {}", d.tun))?;
     let tunnel = RawTunnel::open(mesh.address()).context("cannot open the raw IP-in-IP sockets (root needed)")?;
@@ -78,7 +101,7 @@ pub fn start(d: &Dataplane, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let hold_time = Duration::from_millis(d.hold_ms);
-    let classifier = Classifier::new(policy(&d.policy), bypass, hold_time);
+    let classifier = Classifier::new(Box::new(SteeringPolicy(steering)), bypass, hold_time);
     let engine = Engine::new(
         EngineConfig {
             address: mesh.address(),

@@ -94,7 +94,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         let listen = SocketAddr::new(a, admin_port);
         admin::serve(
             listen,
-            AdminState { mesh: mesh.clone(), metrics, ready: std::sync::Arc::new(true.into()) },
+            AdminState { mesh: mesh.clone(), metrics, ready: std::sync::Arc::new(true.into()), steering: None },
             std::future::pending(),
         )
         .await

@@ -1,6 +1,7 @@
 //! The `lb` daemon's pieces: configuration, admin API, metrics, demo and CLI client.
 
 pub mod admin;
+pub mod affinity;
 pub mod certs;
 pub mod client;
 pub mod config;
@@ -10,3 +11,4 @@ pub mod demo;
 pub mod metrics;
 pub mod proxy;
 pub mod rules;
+pub mod steering;

@@ -35,6 +35,8 @@ pub struct Metrics {
     proxy_conns: IntCounterVec,
     proxy_bytes: IntCounterVec,
     proxy_active: IntGauge,
+    steering: std::sync::Mutex<Option<Arc<crate::steering::Steering>>>,
+    owner_decisions: IntCounterVec,
     /// Data-plane counter values already added, to add only what is new at each scrape.
     dp_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -111,6 +113,13 @@ impl Metrics {
             &["direction"],
         ));
         let proxy_active = must(IntGauge::new("lb_proxy_active_connections", "Connections the proxy relays now."));
+        let owner_decisions = must(IntCounterVec::new(
+            Opts::new(
+                "lb_owner_decisions_total",
+                "Owners chosen for new flows by this member's owner policy, by policy and reason (affinity, affinity_next_best_load_bound, affinity_load_bound_fallback, rendezvous_no_dictionary, rendezvous, local, local_no_owner_live, ...).",
+            ),
+            &["policy", "reason"],
+        ));
         // Registered by set_dataplane: a member without [dataplane] exports no lb_dataplane_up
         // (a 0 there would look like a dead data plane to an alert).
         Arc::new(Metrics {
@@ -137,6 +146,8 @@ impl Metrics {
             proxy_conns,
             proxy_bytes,
             proxy_active,
+            steering: Default::default(),
+            owner_decisions,
             dp_seen: Default::default(),
         })
     }
@@ -148,6 +159,24 @@ impl Metrics {
             must(self.registry.register(Box::new(self.dp_up.clone())));
         }
         *dp = Some(stats);
+    }
+
+    /// Exports the owner policy's decisions.
+    pub fn set_steering(&self, steering: Arc<crate::steering::Steering>) {
+        let mut st = self.steering.lock().unwrap_or_else(|e| e.into_inner());
+        if st.is_none() {
+            must(self.registry.register(Box::new(self.owner_decisions.clone())));
+        }
+        *st = Some(steering);
+    }
+
+    fn render_steering(&self) {
+        let Some(st) = self.steering.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let mut seen = self.dp_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (reason, n) in st.decisions() {
+            let before = seen.insert(format!("owner/{reason}"), n).unwrap_or(0);
+            self.owner_decisions.with_label_values(&[st.name(), reason]).inc_by(n.saturating_sub(before));
+        }
     }
 
     /// Exports the transparent proxy's counters.
@@ -245,6 +274,7 @@ impl Metrics {
         self.database_bytes.set((db.memory_bytes() + mesh.local().memory_bytes()) as i64);
         self.render_dataplane();
         self.render_proxy();
+        self.render_steering();
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
