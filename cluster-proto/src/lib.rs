@@ -1,5 +1,6 @@
 //! The cluster control protocol of "A Novel Approach to Manage Asymmetric Traffic Flows for
-//! Secure Network Proxies" (Qing Li), version 1 byte-exact: the wire codec ([`wire`]), the
+//! Secure Network Proxies" (Qing Li), version 1 byte-exact, and version 2 (version 1 plus the
+//! DICT_STATS and LOAD advertisements, negotiated in PEER_JOIN): the wire codec ([`wire`]), the
 //! sans-IO peer session ([`session`]), the connection database ([`database`]) and the tokio
 //! mesh driver ([`mesh`]).
 

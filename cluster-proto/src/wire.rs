@@ -37,6 +37,10 @@
 //!
 //! The length of every message follows from its header, so the stream needs no framing.
 //! Reserved bytes (the "0" above) are sent as zero and ignored on receipt.
+//!
+//! Version 2 (negotiated in PEER_JOIN, see [`crate::session`]) adds two message types,
+//! DICT_STATS (4) and LOAD (5), framed by [`advertisement_len`] and read by [`decode_frame`];
+//! a version-1 channel treats them as unknown message types, as the paper says.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -105,6 +109,127 @@ pub mod address_family {
 
 /// The protocol version of the paper's format, carried in PEER_JOIN.
 pub const VERSION_1: u8 = 1;
+/// Version 1 plus the advertisement messages DICT_STATS and LOAD (see [`advertisement`]).
+pub const VERSION_2: u8 = 2;
+/// The highest version this implementation speaks.
+pub const MAX_VERSION: u8 = VERSION_2;
+
+/// Framing of the version-2 advertisement messages DICT_STATS (type 4) and LOAD (type 5).
+///
+/// Their content (pairs, savings, load) is decoded by the `dictionary-affinity` crate; the
+/// cluster protocol only needs each message's length and its member byte. Both start with
+/// the 4-byte header of version 1:
+///
+/// ```text
+/// DICT_STATS (4) | ADVERTISE (1) | Member | Address Family (1, 2)   then epoch (4 bytes),
+///                  client prefix length, server prefix length, record count (u16) and
+///                  count records of 12 (IPv4) or 36 (IPv6) bytes, count <= 4096
+/// LOAD       (5) | ADVERTISE (1) | Member | 0                        then load (4 bytes)
+/// ```
+pub mod advertisement {
+    use std::ops::Range;
+    /// Message type of DICT_STATS.
+    pub const DICT_STATS: u8 = 4;
+    /// Message type of LOAD.
+    pub const LOAD: u8 = 5;
+    /// The only action of both: advertise (replace the receiver's value).
+    pub const ADVERTISE: u8 = 1;
+    /// Byte holding the advertising member's id.
+    pub const MEMBER: usize = 2;
+    /// Bytes of the DICT_STATS record count.
+    pub const RECORD_COUNT: Range<usize> = 10..12;
+    /// Size of a DICT_STATS header.
+    pub const DICT_STATS_HEADER_LEN: usize = 12;
+    /// Size of an IPv4 DICT_STATS record.
+    pub const RECORD_V4_LEN: usize = 12;
+    /// Size of an IPv6 DICT_STATS record.
+    pub const RECORD_V6_LEN: usize = 36;
+    /// Size of a LOAD message.
+    pub const LOAD_LEN: usize = 8;
+    /// Most records in one DICT_STATS message.
+    pub const MAX_RECORDS: usize = 4096;
+    /// The longest advertisement message (an IPv6 DICT_STATS with the most records).
+    pub const MAX_LEN: usize = DICT_STATS_HEADER_LEN + MAX_RECORDS * RECORD_V6_LEN;
+}
+
+/// True for the message types of version 2 (DICT_STATS and LOAD).
+pub fn is_advertisement_type(t: u8) -> bool {
+    t == advertisement::DICT_STATS || t == advertisement::LOAD
+}
+
+/// The length of the DICT_STATS or LOAD message at the start of `buf`, or `Ok(None)` when
+/// more bytes are needed to tell. The one framing rule of the advertisement messages; never
+/// panics.
+pub fn advertisement_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    use advertisement as adv;
+    let Some(&t) = buf.first() else { return Ok(None) };
+    if !is_advertisement_type(t) {
+        return Err(DecodeError::UnknownMessageType(t));
+    }
+    let Some(&a) = buf.get(field::ACTION_TYPE) else { return Ok(None) };
+    if a != adv::ADVERTISE {
+        return Err(DecodeError::UnknownAction { message_type: t, action: a });
+    }
+    if t == adv::LOAD {
+        return Ok(Some(adv::LOAD_LEN));
+    }
+    let record = match buf.get(field::BYTE3) {
+        None => return Ok(None),
+        Some(&address_family::IPV4) => adv::RECORD_V4_LEN,
+        Some(&address_family::IPV6) => adv::RECORD_V6_LEN,
+        Some(&af) => return Err(DecodeError::UnknownAddressFamily(af)),
+    };
+    if buf.len() < adv::DICT_STATS_HEADER_LEN {
+        return Ok(None);
+    }
+    let count = u16::from_be_bytes([buf[adv::RECORD_COUNT.start], buf[adv::RECORD_COUNT.start + 1]]);
+    if usize::from(count) > adv::MAX_RECORDS {
+        return Err(DecodeError::TooManyRecords(count));
+    }
+    Ok(Some(adv::DICT_STATS_HEADER_LEN + usize::from(count) * record))
+}
+
+/// Splits `bytes` into whole DICT_STATS and LOAD messages; an error if anything else is there
+/// or the last message is cut short.
+pub fn split_advertisements(bytes: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match advertisement_len(rest)? {
+            Some(n) if n <= rest.len() => {
+                let (m, tail) = rest.split_at(n);
+                out.push(m);
+                rest = tail;
+            }
+            _ => return Err(DecodeError::Truncated),
+        }
+    }
+    Ok(out)
+}
+
+/// One unit of a control stream: a message of version 1, or (version 2) one whole
+/// advertisement message, left encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A message of the paper's table.
+    Message(Message),
+    /// One whole DICT_STATS or LOAD message.
+    Advertisement(&'a [u8]),
+}
+
+/// Decodes one frame from the front of `buf` for a channel running at `version`.
+///
+/// At version 1 this is exactly [`Message::decode`] (types 4 and 5 are unknown); from
+/// version 2 on, DICT_STATS and LOAD are framed by [`advertisement_len`]. Never panics.
+pub fn decode_frame(buf: &[u8], version: u8) -> Result<Option<(Frame<'_>, usize)>, DecodeError> {
+    match buf.first() {
+        Some(&t) if version >= VERSION_2 && is_advertisement_type(t) => Ok(match advertisement_len(buf)? {
+            Some(n) if n <= buf.len() => Some((Frame::Advertisement(&buf[..n]), n)),
+            _ => None,
+        }),
+        _ => Ok(Message::decode(buf)?.map(|(m, n)| (Frame::Message(m), n))),
+    }
+}
 
 /// Reason carried in PEER_LEAVE and PEER_REJECT (byte 2).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -207,9 +332,23 @@ pub enum DecodeError {
     /// Byte 2 of INSTALL/REMOVE is not TCP (6) or UDP (17).
     #[error("unknown protocol {0}")]
     UnknownProtocol(u8),
-    /// Byte 3 of INSTALL/REMOVE is not IPv4 (1) or IPv6 (2).
+    /// Byte 3 of INSTALL/REMOVE/DICT_STATS is not IPv4 (1) or IPv6 (2).
     #[error("unknown address family {0}")]
     UnknownAddressFamily(u8),
+    /// A DICT_STATS announces more than [`advertisement::MAX_RECORDS`] records.
+    #[error("{0} records in one DICT_STATS (at most 4096)")]
+    TooManyRecords(u16),
+    /// The bytes end inside a message (only where whole messages are required).
+    #[error("message truncated")]
+    Truncated,
+    /// An advertisement's member byte is not the sending peer's member id.
+    #[error("advertisement for member {claimed} from member {sender}")]
+    WrongMember {
+        /// Byte 2 of the advertisement.
+        claimed: u8,
+        /// The member that sent it.
+        sender: u8,
+    },
 }
 
 impl Message {
@@ -419,6 +558,57 @@ mod tests {
         assert_eq!(Message::decode(&[3, 2, 9, 9]), Ok(Some((Message::PeerKeepalive, 4))));
     }
 
+    /// Golden advertisement messages, written out by hand from the version-2 diagrams.
+    fn golden_advertisements() -> Vec<Vec<u8>> {
+        let mut dict_v4 = vec![4, 1, 2, 1, 0, 0, 0, 9, 24, 32, 0, 1];
+        dict_v4.extend_from_slice(&[192, 0, 2, 0, 198, 51, 100, 7, 0x3f, 0x80, 0, 0]);
+        let mut dict_v6 = vec![4, 1, 2, 2, 0, 0, 0, 9, 48, 128, 0, 1];
+        dict_v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        dict_v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        dict_v6.extend_from_slice(&[0x40, 0, 0, 0]);
+        let empty = vec![4, 1, 2, 1, 0, 0, 0, 9, 24, 32, 0, 0];
+        let load = vec![5, 1, 2, 0, 0x3f, 0x80, 0, 0];
+        vec![dict_v4, dict_v6, empty, load]
+    }
+
+    #[test]
+    fn advertisement_lengths_follow_the_diagrams() {
+        let g = golden_advertisements();
+        let lens: Vec<usize> = g.iter().map(|m| m.len()).collect();
+        assert_eq!(lens, vec![24, 48, 12, 8]);
+        for m in &g {
+            assert_eq!(advertisement_len(m), Ok(Some(m.len())), "{m:?}");
+            assert_eq!(decode_frame(m, VERSION_2), Ok(Some((Frame::Advertisement(m), m.len()))));
+            // Version 1 knows nothing of them: exactly what Message::decode says.
+            assert_eq!(decode_frame(m, VERSION_1), Err(DecodeError::UnknownMessageType(m[0])));
+            assert_eq!(Message::decode(m), Err(DecodeError::UnknownMessageType(m[0])));
+            for cut in 0..m.len() {
+                assert_eq!(decode_frame(&m[..cut], VERSION_2), Ok(None), "prefix {cut} of {m:?}");
+            }
+        }
+        let stream: Vec<u8> = g.concat();
+        assert_eq!(split_advertisements(&stream).unwrap(), g.iter().map(|m| &m[..]).collect::<Vec<_>>());
+        assert_eq!(split_advertisements(&stream[..stream.len() - 1]), Err(DecodeError::Truncated));
+        assert_eq!(split_advertisements(&[3, 2, 0, 0]), Err(DecodeError::UnknownMessageType(3)));
+    }
+
+    #[test]
+    fn advertisement_framing_errors() {
+        assert_eq!(advertisement_len(&[5, 2]), Err(DecodeError::UnknownAction { message_type: 5, action: 2 }));
+        assert_eq!(advertisement_len(&[4, 0, 0, 1]), Err(DecodeError::UnknownAction { message_type: 4, action: 0 }));
+        assert_eq!(advertisement_len(&[4, 1, 0, 3]), Err(DecodeError::UnknownAddressFamily(3)));
+        let mut max = vec![4, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0x10, 0x00];
+        assert_eq!(advertisement_len(&max), Ok(Some(advertisement::MAX_LEN)));
+        max[11] = 1;
+        assert_eq!(advertisement_len(&max), Err(DecodeError::TooManyRecords(4097)));
+        assert_eq!(advertisement_len(&[4, 1, 0]), Ok(None));
+        assert_eq!(advertisement_len(&[5]), Ok(None));
+        // The paper's messages decode alike at both versions.
+        for (m, bytes) in golden() {
+            assert_eq!(decode_frame(&bytes, VERSION_2), Ok(Some((Frame::Message(m), bytes.len()))));
+        }
+    }
+
     fn arb_connection() -> impl Strategy<Value = Connection> {
         let v4 = (any::<[u8; 4]>(), any::<[u8; 4]>(), any::<u16>(), any::<u16>())
             .prop_map(|(s, d, sp, dp)| (IpAddr::from(s), IpAddr::from(d), sp, dp));
@@ -457,6 +647,26 @@ mod tests {
                 at += n;
             }
             prop_assert_eq!(out, msgs);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_at_version_2(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut at = 0;
+            while at < bytes.len() {
+                match decode_frame(&bytes[at..], VERSION_2) {
+                    Ok(Some((Frame::Message(m), n))) => {
+                        prop_assert_eq!(m.to_bytes().len(), n);
+                        at += n;
+                    }
+                    Ok(Some((Frame::Advertisement(a), n))) => {
+                        prop_assert!(a.len() == n && n <= advertisement::MAX_LEN);
+                        prop_assert_eq!(advertisement_len(a), Ok(Some(n)));
+                        at += n;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let _ = split_advertisements(&bytes);
         }
 
         #[test]

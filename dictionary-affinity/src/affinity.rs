@@ -334,24 +334,12 @@ pub struct Advertisement {
     pub loads: Vec<LoadReport>,
 }
 
-/// Wire codes of the version-2 advertisement messages.
+/// Wire codes of the version-2 advertisement messages: those of the cluster protocol
+/// (`cluster_proto::wire::advertisement`), where their framing rule lives.
 pub mod wire {
-    /// Message type of DICT_STATS.
-    pub const DICT_STATS: u8 = 4;
-    /// Message type of LOAD.
-    pub const LOAD: u8 = 5;
-    /// The only action of both: advertise (replace the receiver's value).
-    pub const ADVERTISE: u8 = 1;
-    /// Size of a DICT_STATS header.
-    pub const DICT_STATS_HEADER_LEN: usize = 12;
-    /// Size of an IPv4 DICT_STATS record.
-    pub const RECORD_V4_LEN: usize = 12;
-    /// Size of an IPv6 DICT_STATS record.
-    pub const RECORD_V6_LEN: usize = 36;
-    /// Size of a LOAD message.
-    pub const LOAD_LEN: usize = 8;
-    /// Most records in one DICT_STATS message; longer batches are split.
-    pub const MAX_RECORDS: usize = 4096;
+    pub use cluster_proto::wire::advertisement::{
+        ADVERTISE, DICT_STATS, DICT_STATS_HEADER_LEN, LOAD, LOAD_LEN, MAX_RECORDS, RECORD_V4_LEN, RECORD_V6_LEN,
+    };
 }
 
 /// Why advertisement bytes could not be decoded.
@@ -456,32 +444,18 @@ pub fn encode_advertisement(stats: &[DictStats], loads: &[LoadReport]) -> Vec<u8
 }
 
 /// The length of the advertisement message at the start of `bytes`, or `None` when more bytes
-/// are needed to tell (for framing on a stream).
+/// are needed to tell (for framing on a stream). The rule is the cluster protocol's
+/// ([`cluster_proto::wire::advertisement_len`]); only the error type is this crate's.
 pub fn advertisement_len(bytes: &[u8]) -> Result<Option<usize>, AdvertisementError> {
-    let Some(&t) = bytes.first() else { return Ok(None) };
-    if t != wire::DICT_STATS && t != wire::LOAD {
-        return Err(AdvertisementError::UnknownMessageType(t));
-    }
-    let Some(&a) = bytes.get(1) else { return Ok(None) };
-    if a != wire::ADVERTISE {
-        return Err(AdvertisementError::UnknownAction(a));
-    }
-    if t == wire::LOAD {
-        return Ok(Some(wire::LOAD_LEN));
-    }
-    if bytes.len() < wire::DICT_STATS_HEADER_LEN {
-        return Ok(None);
-    }
-    let record = match bytes[3] {
-        1 => wire::RECORD_V4_LEN,
-        2 => wire::RECORD_V6_LEN,
-        af => return Err(AdvertisementError::UnknownAddressFamily(af)),
-    };
-    let count = u16::from_be_bytes([bytes[10], bytes[11]]);
-    if usize::from(count) > wire::MAX_RECORDS {
-        return Err(AdvertisementError::TooManyRecords(count));
-    }
-    Ok(Some(wire::DICT_STATS_HEADER_LEN + usize::from(count) * record))
+    use cluster_proto::wire::DecodeError as E;
+    cluster_proto::wire::advertisement_len(bytes).map_err(|e| match e {
+        E::UnknownMessageType(t) => AdvertisementError::UnknownMessageType(t),
+        E::UnknownAction { action, .. } => AdvertisementError::UnknownAction(action),
+        E::UnknownAddressFamily(af) => AdvertisementError::UnknownAddressFamily(af),
+        E::TooManyRecords(n) => AdvertisementError::TooManyRecords(n),
+        // advertisement_len reports nothing else.
+        E::UnknownProtocol(_) | E::Truncated | E::WrongMember { .. } => AdvertisementError::Truncated,
+    })
 }
 
 fn read_ip(b: &[u8], v4: bool) -> IpAddr {

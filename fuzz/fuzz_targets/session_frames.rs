@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use cluster_proto::session::{Admission, Event, Role, Session, SessionConfig};
+use cluster_proto::MemberId;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let admission = if mode & 2 == 0 { Admission::Member } else { Admission::NotMember };
     let t0 = Instant::now();
     let mut now = t0;
-    let mut s = Session::new(role, admission, SessionConfig::default(), now);
+    // Bit 2: the member speaks up to version 2 (advertisements), its peer being member 1.
+    let version = if mode & 4 == 0 { 1 } else { 2 };
+    let config = SessionConfig { version, ..SessionConfig::default() };
+    let mut s = Session::new(role, admission, config, now).with_peer_member(MemberId(1));
     let mut closed = false;
     let mut at = 0;
     while at < rest.len() {
@@ -32,6 +36,10 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(admission, Admission::Member)
                 }
                 Event::Install { .. } | Event::Remove { .. } => {}
+                Event::Advertisement(bytes) => {
+                    assert!(s.version() >= 2, "advertisement at version {}", s.version());
+                    assert_eq!(bytes[2], 1, "an advertisement for another member passed");
+                }
                 Event::Closed(_) => closed = true,
                 Event::Established => {}
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cluster_proto::mesh::{MemberConfig, MeshConfig, Retries};
 use cluster_proto::session::SessionConfig;
-use cluster_proto::wire::VERSION_1;
+use cluster_proto::wire::{VERSION_1, VERSION_2};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
@@ -306,7 +306,8 @@ pub struct Cluster {
     /// Control-channel port, the same on every member unless overridden per member.
     #[serde(default = "default_port")]
     pub port: u16,
-    /// Protocol version; 1 is the paper's format.
+    /// Highest protocol version spoken: 1 is the paper's format, 2 adds the affinity
+    /// advertisements (negotiated per channel, falling back to 1 with version-1 peers).
     #[serde(default = "default_version")]
     pub version: u8,
     /// PEER_KEEPALIVE interval in milliseconds.
@@ -630,10 +631,13 @@ impl Config {
     /// The mesh driver's configuration.
     pub fn mesh(&self) -> Result<MeshConfig, ConfigError> {
         let c = &self.cluster;
-        if c.version != VERSION_1 {
+        if !(VERSION_1..=VERSION_2).contains(&c.version) {
             return Err(invalid(
                 "cluster.version",
-                format!("version {} is not supported; this build speaks version 1 (the paper's format)", c.version),
+                format!(
+                    "version {} is not supported; this build speaks version 1 (the paper's format) or 2 (with affinity advertisements)",
+                    c.version
+                ),
             ));
         }
         if c.port == 0 {
@@ -853,6 +857,14 @@ listen = "127.0.0.1:9741"
         assert_eq!(m.members[1].connect_retries, Retries::Infinite);
     }
 
+    #[test]
+    fn version_2_is_accepted_for_every_member() {
+        let c = Config::parse(&GOOD.replace("version = 1", "version = 2")).unwrap();
+        let m = c.mesh().unwrap();
+        assert!(m.members.iter().all(|p| p.session.version == 2));
+        assert_eq!(Config::parse(GOOD).unwrap().mesh().unwrap().members[0].session.version, 1, "default");
+    }
+
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
     }
@@ -872,7 +884,8 @@ listen = "127.0.0.1:9741"
         let cases = [
             (GOOD.replace("dead_after = 3", "dead_after = 3\nbogus = 1"), "bogus"),
             (GOOD.replace("keepalive_ms = 500", "keepalive_ms = 5"), "cluster.keepalive_ms"),
-            (GOOD.replace("version = 1", "version = 2"), "cluster.version"),
+            (GOOD.replace("version = 1", "version = 3"), "cluster.version"),
+            (GOOD.replace("version = 1", "version = 0"), "cluster.version"),
             (GOOD.replace("connect_retries = \"infinite\"", "connect_retries = \"forever\""), "connect_retries"),
             (GOOD.replace("connect_retries = 10", "connect_retries = 0"), "connect_retries"),
             (GOOD.replace("dead_after = 5", "dead_after = 0"), "cluster.member.\"192.0.2.3\".dead_after"),

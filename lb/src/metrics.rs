@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cluster_proto::mesh::{Mesh, MeshEvent, MeshObserver, PeerState};
 use cluster_proto::Action;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The member's metrics; also the mesh's observer.
@@ -24,6 +24,8 @@ pub struct Metrics {
     conflicts: IntCounterVec,
     refused: IntCounterVec,
     installs_refused: IntCounterVec,
+    advertisements: IntCounterVec,
+    version_fallbacks: IntCounter,
     table_sync: Histogram,
     database_bytes: IntGauge,
     dataplane: std::sync::Mutex<Option<Arc<std::sync::Mutex<handoff::driver::DriverStats>>>>,
@@ -83,6 +85,16 @@ impl Metrics {
             "INSTALLs refused by the flood guard (entry_limit, rate_limit), by peer.",
             &["peer", "reason"],
         );
+        let advertisements = cv(
+            "lb_advertisements_total",
+            "Advertisement messages (DICT_STATS, LOAD; protocol version 2): sent, received, dropped (send queue too full), skipped_v1 (peer at version 1).",
+            &["direction"],
+        );
+        let version_fallbacks = must(IntCounter::new(
+            "lb_version_fallbacks_total",
+            "Peers that refused our PEER_JOIN(2) and are dialed with PEER_JOIN(1).",
+        ));
+        must(registry.register(Box::new(version_fallbacks.clone())));
         let table_sync = must(Histogram::with_opts(
             HistogramOpts::new("lb_table_sync_seconds", "Time to hand this member's table to a joining peer.")
                 .buckets(vec![0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
@@ -135,6 +147,8 @@ impl Metrics {
             conflicts,
             refused,
             installs_refused,
+            advertisements,
+            version_fallbacks,
             table_sync,
             database_bytes,
             dataplane: Default::default(),
@@ -300,6 +314,10 @@ impl MeshObserver for Metrics {
             MeshEvent::InstallRefused { peer, reason } => {
                 self.installs_refused.with_label_values(&[peer.to_string().as_str(), reason]).inc()
             }
+            MeshEvent::Advertisements { outcome, messages, .. } => {
+                self.advertisements.with_label_values(&[outcome.as_str()]).inc_by(*messages)
+            }
+            MeshEvent::VersionFallback { .. } => self.version_fallbacks.inc(),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use super::{CloseSignal, Inner, MeshEvent, Outgoing, PeerState};
+use super::{AdvertisementOutcome, CloseSignal, Inner, MeshEvent, Outgoing, PeerState};
 use crate::database::{InstallOutcome, MemberId, RemoveOutcome};
 use crate::session::{Admission, CloseReason, Counters, Event, Role, Session};
 use crate::wire::ErrorCode;
@@ -65,7 +65,7 @@ fn entries_of(inner: &Inner, p: MemberId) -> usize {
 }
 
 /// Hands one queued update to the session.
-fn apply(s: &mut Session, now: Instant, c: Outgoing, table_entries: &mut usize) {
+fn apply(inner: &Inner, remote: IpAddr, s: &mut Session, now: Instant, c: Outgoing, table_entries: &mut usize) {
     match c {
         Outgoing::Table(t) => {
             *table_entries = t.len();
@@ -76,6 +76,12 @@ fn apply(s: &mut Session, now: Instant, c: Outgoing, table_entries: &mut usize) 
         }
         Outgoing::Remove(a, c) => {
             s.remove(now, a, c);
+        }
+        Outgoing::Advertise(bytes, messages) => {
+            let outcome =
+                if s.advertise(now, &bytes) { AdvertisementOutcome::Sent } else { AdvertisementOutcome::Dropped };
+            inner.advertisements.add(outcome, messages);
+            inner.observer.on_event(&MeshEvent::Advertisements { peer: remote, outcome, messages });
         }
     }
 }
@@ -116,7 +122,10 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut need_flush = false;
     let admission = if peer.is_some() { Admission::Member } else { Admission::NotMember };
-    let mut s = Session::new(role, admission, inner.session_config(peer), Instant::now());
+    let mut s = Session::new(role, admission, inner.channel_config(peer, role), Instant::now());
+    if let Some(p) = peer {
+        s = s.with_peer_member(p);
+    }
     let channel = inner.next_channel.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(inner.config.send_queue);
     let close = CloseSignal::new();
@@ -145,7 +154,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             match ev {
                 Event::JoinRequested => {
                     let p = peer.expect("only members get JoinRequested");
-                    if inner.join(p, channel, role, &tx, &close) {
+                    if inner.join(p, channel, role, s.version(), &tx, &close) {
                         s.accept(now);
                         current = true;
                         outcome = Outcome::WasCurrent;
@@ -159,7 +168,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Event::Joined => {
                     if role == Role::Initiator {
                         let p = peer.expect("initiators dial members");
-                        if inner.join(p, channel, role, &tx, &close) {
+                        if inner.join(p, channel, role, s.version(), &tx, &close) {
                             current = true;
                             outcome = Outcome::WasCurrent;
                             joined_at = Some(now);
@@ -212,6 +221,22 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                             inner
                                 .observer
                                 .on_event(&MeshEvent::OwnershipConflict { peer: remote, kind: "remove_not_owner" });
+                        }
+                    }
+                }
+                Event::Advertisement(bytes) => {
+                    let p = peer.expect("members only");
+                    let slot = inner.slot(p);
+                    if slot.current.as_ref().map(|c| c.channel) == Some(channel) {
+                        drop(slot);
+                        inner.advertisements.add(AdvertisementOutcome::Received, 1);
+                        inner.observer.on_event(&MeshEvent::Advertisements {
+                            peer: remote,
+                            outcome: AdvertisementOutcome::Received,
+                            messages: 1,
+                        });
+                        if let Some(listener) = inner.advertisement_listener.load().as_ref() {
+                            listener(p, &bytes);
                         }
                     }
                 }
@@ -302,7 +327,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 let mut n = 0;
                 while let Some(c) = next {
                     if delay.is_zero() {
-                        apply(&mut s, now, c, &mut table_entries);
+                        apply(&inner, remote, &mut s, now, c, &mut table_entries);
                     } else {
                         delayed.push_back((now + delay, c));
                     }
@@ -314,7 +339,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 let now = Instant::now();
                 while delayed.front().is_some_and(|d| d.0 <= now) {
                     let (_, c) = delayed.pop_front().expect("checked");
-                    apply(&mut s, now, c, &mut table_entries);
+                    apply(&inner, remote, &mut s, now, c, &mut table_entries);
                 }
             }
             _ = tokio::time::sleep_until(deadline.into()) => {

@@ -10,6 +10,12 @@
 //!   a restart), the one dialed by the lower address is kept; between two of equal standing
 //!   the newer wins (the peer restarted). The loser gets PEER_REJECT or PEER_LEAVE with
 //!   error code 4 (duplicate control channel);
+//! - a channel runs at the version agreed in its PEER_JOIN exchange (see [`crate::session`]);
+//!   a peer that refuses our PEER_JOIN(2) with PEER_REJECT(version mismatch) is a version-1
+//!   member: it is dialed with PEER_JOIN(1) from then on (until it dials us offering 2);
+//! - advertisements (version 2) go only to peers whose channel runs at version 2, and never
+//!   take the last room in a send queue: when a queue is half full they are dropped (they are
+//!   periodic and idempotent), so they never get a peer declared stalled;
 //! - local changes and the snapshot sent to a newly joined peer are serialized by one lock,
 //!   so a peer never misses or reorders an update around its table sync.
 
@@ -28,8 +34,10 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::database::{ConnectionDatabase, ConnectionTable, MemberId, MAX_MEMBERS};
 use crate::flow::{Action, Connection};
 use crate::session::{Role, SessionConfig};
-use crate::wire::ErrorCode;
-pub use stats::{MeshEvent, MeshObserver, MessageCounters, NoObserver, PeerInfo, PeerState};
+use crate::wire::{self, DecodeError, ErrorCode};
+pub use stats::{
+    AdvertisementOutcome, AdvertisementStats, MeshEvent, MeshObserver, MessageCounters, NoObserver, PeerInfo, PeerState,
+};
 
 /// How many times a dialer tries a peer before giving up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +112,8 @@ enum Outgoing {
     Table(Vec<(Connection, Action)>),
     Install(Action, Connection),
     Remove(Action, Connection),
+    /// Whole advertisement messages, shared by every peer's queue, and how many.
+    Advertise(Arc<[u8]>, u64),
 }
 
 /// Asks a channel task to close with a PEER_LEAVE code.
@@ -124,12 +134,14 @@ impl CloseSignal {
 
 struct Link {
     channel: u64,
+    version: u8,
     tx: mpsc::Sender<Outgoing>,
     close: Arc<CloseSignal>,
 }
 
 struct Current {
     channel: u64,
+    version: u8,
     lower_initiated: bool,
     role: Role,
     close: Arc<CloseSignal>,
@@ -170,6 +182,12 @@ struct Inner {
     observer: Arc<dyn MeshObserver>,
     /// Told of every INSTALL applied from a peer (the data plane releases held packets).
     install_listener: arc_swap::ArcSwapOption<InstallListener>,
+    /// Told of every advertisement message received from a peer.
+    advertisement_listener: arc_swap::ArcSwapOption<AdvertisementListener>,
+    advertisements: stats::AdvertisementCounters,
+    /// Per peer: the version to offer when dialing it, lowered after a version-mismatch
+    /// reject (0: the configured one).
+    dial_version: Vec<AtomicU8>,
     /// Bumped whenever a peer's current channel appears or goes.
     membership: AtomicU64,
     shutdown: watch::Sender<bool>,
@@ -180,6 +198,10 @@ struct Inner {
 
 /// Called with each connection a peer installs, on the channel's task: must be quick.
 pub type InstallListener = Box<dyn Fn(&Connection) + Send + Sync>;
+
+/// Called with the sending member and one whole DICT_STATS or LOAD message (its member byte
+/// is the sender's), on the channel's task: must be quick.
+pub type AdvertisementListener = Box<dyn Fn(MemberId, &[u8]) + Send + Sync>;
 
 /// A running cluster member's control plane. Cloning gives another handle to the same mesh.
 #[derive(Clone)]
@@ -263,6 +285,9 @@ impl Mesh {
             idle: Notify::new(),
             killed: false.into(),
             install_listener: arc_swap::ArcSwapOption::empty(),
+            advertisement_listener: arc_swap::ArcSwapOption::empty(),
+            advertisements: Default::default(),
+            dial_version: (0..n).map(|_| AtomicU8::new(0)).collect(),
             membership: AtomicU64::new(0),
             config,
         });
@@ -352,6 +377,54 @@ impl Mesh {
         self.inner.install_listener.store(Some(Arc::new(listener)));
     }
 
+    /// Sends advertisement messages (version 2) to every peer whose channel runs at version 2.
+    ///
+    /// `bytes` must be whole DICT_STATS/LOAD messages, each with this member's id in its
+    /// member byte; otherwise nothing is sent and the error says why. Peers at version 1 are
+    /// skipped; a peer whose send queue is half full is skipped too (counted as dropped),
+    /// never blocked on nor disconnected. Returns the number of peers it was queued to.
+    pub fn advertise(&self, bytes: &[u8]) -> Result<usize, DecodeError> {
+        let msgs = wire::split_advertisements(bytes)?;
+        if let Some(m) = msgs.iter().find(|m| m[wire::advertisement::MEMBER] != self.inner.me.0) {
+            return Err(DecodeError::WrongMember { claimed: m[wire::advertisement::MEMBER], sender: self.inner.me.0 });
+        }
+        let n = msgs.len() as u64;
+        if n == 0 {
+            return Ok(0);
+        }
+        let inner = &self.inner;
+        let shared: Arc<[u8]> = bytes.into();
+        let out = inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queued = 0;
+        for (i, link) in out.iter().enumerate() {
+            let Some(l) = link else { continue };
+            let peer = inner.addr(MemberId(i as u8));
+            let outcome = if l.version < wire::VERSION_2 {
+                AdvertisementOutcome::SkippedV1
+            } else if l.tx.capacity() * 2 < inner.config.send_queue
+                || l.tx.try_send(Outgoing::Advertise(shared.clone(), n)).is_err()
+            {
+                AdvertisementOutcome::Dropped
+            } else {
+                queued += 1;
+                continue;
+            };
+            inner.advertisements.add(outcome, n);
+            inner.observer.on_event(&MeshEvent::Advertisements { peer, outcome, messages: n });
+        }
+        Ok(queued)
+    }
+
+    /// Registers the function told of every advertisement message received from a peer.
+    pub fn set_advertisement_listener(&self, listener: AdvertisementListener) {
+        self.inner.advertisement_listener.store(Some(Arc::new(listener)));
+    }
+
+    /// Advertisement and version-fallback counters.
+    pub fn advertisement_stats(&self) -> AdvertisementStats {
+        self.inner.advertisements.snapshot()
+    }
+
     /// A number that changes whenever the set of live members may have changed.
     pub fn membership_generation(&self) -> u64 {
         self.inner.membership.load(Ordering::Acquire)
@@ -379,6 +452,7 @@ impl Mesh {
                     address: m.address,
                     port: m.port,
                     state: slot.state,
+                    version: slot.current.as_ref().map(|c| c.version),
                     role: slot.current.as_ref().map(|c| match c.role {
                         Role::Initiator => "initiator",
                         Role::Acceptor => "acceptor",
@@ -420,6 +494,33 @@ impl Mesh {
 }
 
 impl Inner {
+    /// The session settings of a channel with `peer`; an initiator offers the version the
+    /// peer's fallback allows.
+    fn channel_config(&self, peer: Option<MemberId>, role: Role) -> SessionConfig {
+        let mut c = self.session_config(peer);
+        if let (Some(p), Role::Initiator) = (peer, role) {
+            let v = self.dial_version[p.0 as usize].load(Ordering::Relaxed);
+            if v != 0 {
+                c.version = c.version.min(v);
+            }
+        }
+        c
+    }
+
+    /// Our PEER_JOIN(`offered`) was refused for its version: offer one less next time.
+    /// Returns true if there is a lower version to try.
+    fn version_refused(&self, peer: MemberId, offered: u8) -> bool {
+        if offered <= wire::VERSION_1 {
+            return false;
+        }
+        let to = offered - 1;
+        self.dial_version[peer.0 as usize].store(to, Ordering::Relaxed);
+        self.advertisements.version_fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.observer.on_event(&MeshEvent::VersionFallback { peer: self.addr(peer), from: offered, to });
+        tracing::warn!(peer = %self.addr(peer), from = offered, to, "peer refused our protocol version, falling back");
+        true
+    }
+
     fn member_id(&self, address: IpAddr) -> Option<MemberId> {
         self.config.members.iter().position(|m| m.address == address).map(|i| MemberId(i as u8))
     }
@@ -460,6 +561,7 @@ impl Inner {
         peer: MemberId,
         channel: u64,
         role: Role,
+        version: u8,
         tx: &mpsc::Sender<Outgoing>,
         close: &Arc<CloseSignal>,
     ) -> bool {
@@ -477,7 +579,11 @@ impl Inner {
             let purged = self.db.purge_owner(peer);
             tracing::info!(peer = %self.addr(peer), purged, "control channel superseded by a new one");
         }
-        slot.current = Some(Current { channel, lower_initiated, role, close: close.clone() });
+        slot.current = Some(Current { channel, version, lower_initiated, role, close: close.clone() });
+        if role == Role::Acceptor && version >= wire::VERSION_2 {
+            // The peer dialed us offering version 2: it speaks it now (it was upgraded).
+            self.dial_version[peer.0 as usize].store(0, Ordering::Relaxed);
+        }
         self.membership.fetch_add(1, Ordering::AcqRel);
         slot.connect_failures = 0;
         slot.set_state(PeerState::Synchronize);
@@ -486,10 +592,10 @@ impl Inner {
         let table = self.local.snapshot();
         // The queue is new and empty, so the table always fits.
         let _ = tx.try_send(Outgoing::Table(table));
-        out[peer.0 as usize] = Some(Link { channel, tx: tx.clone(), close: close.clone() });
+        out[peer.0 as usize] = Some(Link { channel, version, tx: tx.clone(), close: close.clone() });
         drop(out);
         self.observer.on_event(&MeshEvent::PeerUp { peer: self.addr(peer) });
-        tracing::info!(peer = %self.addr(peer), channel, ?role, "peer joined");
+        tracing::info!(peer = %self.addr(peer), channel, ?role, version, "peer joined");
         true
     }
 

@@ -12,6 +12,7 @@ use super::channel::{self, Outcome};
 use super::{Inner, MeshEvent, PeerState, Retries};
 use crate::database::MemberId;
 use crate::session::Role;
+use crate::wire::ErrorCode;
 
 /// Binds the control port with SO_REUSEADDR, so a restarted member can listen again at once.
 pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -122,6 +123,7 @@ pub(super) async fn dial(inner: Arc<Inner>, peer: MemberId) {
             _ = shutdown.changed() => return,
             r = tokio::time::timeout(connect_timeout, connect(&inner, to)) => r,
         };
+        let offered = inner.channel_config(Some(peer), Role::Initiator).version;
         let outcome = match attempt {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
@@ -156,6 +158,10 @@ pub(super) async fn dial(inner: Arc<Inner>, peer: MemberId) {
                 backoff
             }
             Outcome::Duplicate => inner.config.backoff_min,
+            // A version-1 peer refused our PEER_JOIN(2): dial again at once offering 1.
+            Outcome::Rejected(ErrorCode::VERSION_MISMATCH) if inner.version_refused(peer, offered) => {
+                inner.config.backoff_min
+            }
             Outcome::Rejected(_) | Outcome::Failed(_) => {
                 failures += 1;
                 let mut slot = inner.slot(peer);

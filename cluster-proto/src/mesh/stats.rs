@@ -4,20 +4,20 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::session::Counters;
+use crate::session::{Counters, COUNTED_TYPES};
 use crate::wire::ErrorCode;
 
 /// Counters of control messages by type and action, in and out, shared by all channels.
 #[derive(Default)]
 pub struct MessageCounters {
-    rx: [[AtomicU64; 5]; 3],
-    tx: [[AtomicU64; 5]; 3],
+    rx: [[AtomicU64; 5]; COUNTED_TYPES],
+    tx: [[AtomicU64; 5]; COUNTED_TYPES],
 }
 
 impl MessageCounters {
     /// Adds what a session counted since `last`, then remembers `now` as `last`.
     pub(crate) fn add_delta(&self, now: &Counters, last: &mut Counters) {
-        for t in 0..3 {
+        for t in 0..COUNTED_TYPES {
             for a in 0..5 {
                 let (drx, dtx) = (now.rx[t][a] - last.rx[t][a], now.tx[t][a] - last.tx[t][a]);
                 if drx > 0 {
@@ -56,6 +56,8 @@ fn names(t: usize, a: usize) -> (&'static str, &'static str) {
             let tn = if t == 0 { "INSTALL_CONNECTION" } else { "REMOVE_CONNECTION" };
             (tn, if a == 1 { "FORWARD" } else { "BYPASS" })
         }
+        3 => ("DICT_STATS", "ADVERTISE"),
+        4 => ("LOAD", "ADVERTISE"),
         _ => (
             "CLUSTER_PEER_SYNC",
             match a {
@@ -123,6 +125,25 @@ pub enum MeshEvent {
         /// "entry_limit" or "rate_limit".
         reason: &'static str,
     },
+    /// Advertisement messages (DICT_STATS, LOAD) sent to, received from, or not sent to a peer.
+    Advertisements {
+        /// The peer.
+        peer: IpAddr,
+        /// What happened to them.
+        outcome: AdvertisementOutcome,
+        /// How many messages.
+        messages: u64,
+    },
+    /// A peer refused our PEER_JOIN(`from`) with PEER_REJECT(version mismatch); it is dialed
+    /// with PEER_JOIN(`to`) from now on.
+    VersionFallback {
+        /// The peer.
+        peer: IpAddr,
+        /// The version refused.
+        from: u8,
+        /// The version offered instead.
+        to: u8,
+    },
     /// A channel was refused before or at the join for a reason other than a reject
     /// (garbage, wrong first message, timeout, too many pending joins).
     ChannelRefused {
@@ -131,6 +152,79 @@ pub enum MeshEvent {
         /// Why.
         reason: &'static str,
     },
+}
+
+/// What happened to advertisement messages, for [`MeshEvent::Advertisements`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AdvertisementOutcome {
+    /// Handed to a version-2 peer's session.
+    Sent,
+    /// Received from a peer and given to the listener.
+    Received,
+    /// Not sent: the peer's send queue was too full (advertisements are periodic, the next
+    /// one replaces it) or its channel closed meanwhile.
+    Dropped,
+    /// Not sent: the peer's channel runs at version 1.
+    SkippedV1,
+}
+
+impl AdvertisementOutcome {
+    /// A short stable name for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdvertisementOutcome::Sent => "sent",
+            AdvertisementOutcome::Received => "received",
+            AdvertisementOutcome::Dropped => "dropped",
+            AdvertisementOutcome::SkippedV1 => "skipped_v1",
+        }
+    }
+}
+
+/// Advertisement and version counters of a mesh, summed over all peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdvertisementStats {
+    /// Advertisement messages handed to version-2 peers' sessions.
+    pub sent: u64,
+    /// Advertisement messages received from peers.
+    pub received: u64,
+    /// Advertisement messages dropped for a full send queue or a closed channel.
+    pub dropped: u64,
+    /// Advertisement messages not sent because the peer's channel runs at version 1.
+    pub skipped_v1: u64,
+    /// Times a peer refused our PEER_JOIN(2) and was dialed again with PEER_JOIN(1).
+    pub version_fallbacks: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct AdvertisementCounters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) skipped_v1: AtomicU64,
+    pub(crate) version_fallbacks: AtomicU64,
+}
+
+impl AdvertisementCounters {
+    pub(crate) fn add(&self, outcome: AdvertisementOutcome, n: u64) {
+        let c = match outcome {
+            AdvertisementOutcome::Sent => &self.sent,
+            AdvertisementOutcome::Received => &self.received,
+            AdvertisementOutcome::Dropped => &self.dropped,
+            AdvertisementOutcome::SkippedV1 => &self.skipped_v1,
+        };
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> AdvertisementStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AdvertisementStats {
+            sent: l(&self.sent),
+            received: l(&self.received),
+            dropped: l(&self.dropped),
+            skipped_v1: l(&self.skipped_v1),
+            version_fallbacks: l(&self.version_fallbacks),
+        }
+    }
 }
 
 /// Receives [`MeshEvent`]s synchronously from the mesh tasks; must not block.
@@ -184,6 +278,8 @@ pub struct PeerInfo {
     pub port: u16,
     /// Channel state.
     pub state: PeerState,
+    /// Protocol version of the current channel (`None` without one).
+    pub version: Option<u8>,
     /// "initiator" or "acceptor" for the current channel.
     pub role: Option<&'static str>,
     /// Seconds in the current state.

@@ -19,6 +19,19 @@
 //!                       CLOSED
 //! ```
 //!
+//! Version negotiation: [`SessionConfig::version`] is the highest version this member speaks.
+//! The initiator offers it in PEER_JOIN; an acceptor answers a PEER_JOIN(v) with
+//! 1 <= v <= its own highest with PEER_JOIN(v) and the channel runs at v, and refuses any
+//! other v with PEER_REJECT(version mismatch). A version-1 acceptor thus speaks exactly the
+//! paper's rule (only v = 1 is accepted). The initiator accepts an answer from 1 up to what it
+//! offered and leaves with PEER_LEAVE(version mismatch) otherwise. Falling back to version 1
+//! after a PEER_REJECT(version mismatch) is the driver's job (it dials again offering 1).
+//!
+//! From version 2 on, a joined channel also carries the advertisement messages DICT_STATS and
+//! LOAD; they surface as [`Event::Advertisement`] with the message's bytes. Their member byte
+//! must be the peer's own id (set with [`Session::with_peer_member`]); anything else is a
+//! bad message. At version 1 they are unknown message types, as in the paper.
+//!
 //! Keepalives: each side sends PEER_KEEPALIVE when it has sent nothing for one interval, so
 //! INSTALL/REMOVE traffic resets the timer; a peer from which nothing was received for
 //! `dead_after` intervals is dead.
@@ -26,13 +39,15 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::database::MemberId;
 use crate::flow::{Action, Connection};
-use crate::wire::{DecodeError, ErrorCode, Message};
+use crate::wire::{self, DecodeError, ErrorCode, Frame, Message};
 
 /// Per-channel settings (per peer in the configuration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
-    /// Protocol version this member speaks and expects in PEER_JOIN.
+    /// Highest protocol version this member speaks (1 or 2): offered in PEER_JOIN by an
+    /// initiator, the upper bound of what an acceptor agrees to.
     pub version: u8,
     /// PEER_KEEPALIVE interval.
     pub keepalive: Duration,
@@ -139,12 +154,17 @@ pub enum BadMessage {
     Decode(DecodeError),
     /// A PEER_JOIN after the join.
     UnexpectedJoin,
+    /// An advertisement whose member byte is not the sending peer's id.
+    WrongMember {
+        /// Byte 2 of the advertisement.
+        claimed: u8,
+    },
 }
 
 /// What the driver must react to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Acceptor only: a member's PEER_JOIN with our version arrived. Call
+    /// Acceptor only: a member's PEER_JOIN with a version we speak arrived. Call
     /// [`Session::accept`] or [`Session::reject`].
     JoinRequested,
     /// Both PEER_JOINs are exchanged: SYNCHRONIZE. Call [`Session::send_table`].
@@ -165,24 +185,35 @@ pub enum Event {
         /// The connection.
         connection: Connection,
     },
+    /// Version 2: the peer advertises; one whole DICT_STATS or LOAD message, its member byte
+    /// checked to be the peer's.
+    Advertisement(Vec<u8>),
     /// The session is closed; flush [`Session::poll_transmit`], then close the transport.
     Closed(CloseReason),
 }
 
-/// Messages and bytes counted by type (index 0 INSTALL, 1 REMOVE, 2 PEER_SYNC) and action
-/// code (1..=4), for metrics.
+/// Number of message types counted: INSTALL, REMOVE, PEER_SYNC, DICT_STATS, LOAD.
+pub const COUNTED_TYPES: usize = 5;
+
+/// Messages counted by type (index = message type - 1: 0 INSTALL, 1 REMOVE, 2 PEER_SYNC,
+/// 3 DICT_STATS, 4 LOAD) and action code (1..=4), for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Messages received.
-    pub rx: [[u64; 5]; 3],
+    pub rx: [[u64; 5]; COUNTED_TYPES],
     /// Messages sent.
-    pub tx: [[u64; 5]; 3],
+    pub tx: [[u64; 5]; COUNTED_TYPES],
 }
 
 impl Counters {
-    fn bump(table: &mut [[u64; 5]; 3], m: &Message) {
+    fn bump(table: &mut [[u64; 5]; COUNTED_TYPES], m: &Message) {
         let (t, a) = m.type_and_action();
         table[(t as usize - 1).min(2)][(a as usize).min(4)] += 1;
+    }
+
+    fn bump_advertisement(table: &mut [[u64; 5]; COUNTED_TYPES], t: u8) {
+        let row = if t == wire::advertisement::DICT_STATS { 3 } else { 4 };
+        table[row][wire::advertisement::ADVERTISE as usize] += 1;
     }
 }
 
@@ -191,6 +222,10 @@ pub struct Session {
     role: Role,
     admission: Admission,
     config: SessionConfig,
+    /// The version offered or agreed: what the channel runs at once joined.
+    version: u8,
+    /// The peer's member id, if known: advertisements must carry it.
+    peer_member: Option<MemberId>,
     state: State,
     join_pending: bool,
     inbuf: Vec<u8>,
@@ -212,6 +247,8 @@ impl Session {
             role,
             admission,
             config,
+            version: config.version,
+            peer_member: None,
             state: State::Connect,
             join_pending: false,
             inbuf: Vec::new(),
@@ -229,6 +266,19 @@ impl Session {
             s.queue(now, Message::PeerJoin { version: config.version });
         }
         s
+    }
+
+    /// Names the peer's member id: its advertisements must carry it in their member byte.
+    pub fn with_peer_member(mut self, member: MemberId) -> Self {
+        self.peer_member = Some(member);
+        self
+    }
+
+    /// The protocol version the channel runs at once joined (agreed in the PEER_JOIN
+    /// exchange; from [`Event::JoinRequested`] on for an acceptor). Before that: the version an
+    /// initiator offers, or the acceptor's highest.
+    pub fn version(&self) -> u8 {
+        self.version
     }
 
     /// Current state.
@@ -301,12 +351,20 @@ impl Session {
     fn decode_from(&mut self, now: Instant, buf: &[u8]) -> usize {
         let mut at = 0;
         while self.state != State::Closed && !self.join_pending {
-            match Message::decode(&buf[at..]) {
-                Ok(Some((m, n))) => {
+            // Before the join only the paper's messages are known, whatever the versions.
+            let version = if self.is_joined() { self.version } else { wire::VERSION_1 };
+            match wire::decode_frame(&buf[at..], version) {
+                Ok(Some((Frame::Message(m), n))) => {
                     at += n;
                     self.last_rx = now;
                     Counters::bump(&mut self.counters.rx, &m);
                     self.on_message(now, m);
+                }
+                Ok(Some((Frame::Advertisement(bytes), n))) => {
+                    at += n;
+                    self.last_rx = now;
+                    Counters::bump_advertisement(&mut self.counters.rx, bytes[0]);
+                    self.on_advertisement(now, bytes);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -330,15 +388,17 @@ impl Session {
                 if self.role == Role::Acceptor {
                     if self.admission == Admission::NotMember {
                         self.reject(now, ErrorCode::NOT_A_MEMBER);
-                    } else if version != self.config.version {
+                    } else if version == 0 || version > self.config.version {
                         self.reject(now, ErrorCode::VERSION_MISMATCH);
                     } else {
+                        self.version = version;
                         self.join_pending = true;
                         self.events.push_back(Event::JoinRequested);
                     }
-                } else if version != self.config.version {
+                } else if version == 0 || version > self.version {
                     self.leave(now, ErrorCode::VERSION_MISMATCH);
                 } else {
+                    self.version = version;
                     self.state = State::Synchronize;
                     self.events.push_back(Event::Joined);
                 }
@@ -363,6 +423,17 @@ impl Session {
         }
     }
 
+    fn on_advertisement(&mut self, now: Instant, bytes: &[u8]) {
+        let claimed = bytes[wire::advertisement::MEMBER];
+        if self.peer_member.is_some_and(|p| p.0 != claimed) {
+            // A member speaks only for itself.
+            self.queue(now, Message::PeerLeave { code: ErrorCode::BAD_MESSAGE });
+            self.close(CloseReason::BadMessage(BadMessage::WrongMember { claimed }));
+            return;
+        }
+        self.events.push_back(Event::Advertisement(bytes.to_vec()));
+    }
+
     /// Acceptor: admits the peer after [`Event::JoinRequested`]; replies with PEER_JOIN and
     /// enters SYNCHRONIZE. Bytes that arrived behind the PEER_JOIN are processed now.
     pub fn accept(&mut self, now: Instant) {
@@ -370,7 +441,7 @@ impl Session {
             return;
         }
         self.join_pending = false;
-        self.queue(now, Message::PeerJoin { version: self.config.version });
+        self.queue(now, Message::PeerJoin { version: self.version });
         self.state = State::Synchronize;
         self.events.push_back(Event::Joined);
         let pending = std::mem::take(&mut self.inbuf);
@@ -441,6 +512,23 @@ impl Session {
             return false;
         }
         self.queue(now, m);
+        true
+    }
+
+    /// Version 2: queues advertisement messages (whole DICT_STATS/LOAD messages, as checked
+    /// by [`wire::split_advertisements`]). Ignored (false) before the join, after closing, on
+    /// a version-1 channel, or if the bytes are not whole advertisement messages.
+    pub fn advertise(&mut self, now: Instant, bytes: &[u8]) -> bool {
+        if !self.is_joined() || self.version < wire::VERSION_2 {
+            return false;
+        }
+        let Ok(msgs) = wire::split_advertisements(bytes) else { return false };
+        for m in &msgs {
+            Counters::bump_advertisement(&mut self.counters.tx, m[0]);
+        }
+        self.out.extend_from_slice(bytes);
+        self.queued_total += bytes.len() as u64;
+        self.last_tx = now;
         true
     }
 

@@ -211,6 +211,10 @@ struct Member {
     local: ConnectionTable,
     db: ConnectionDatabase,
     alive: bool,
+    /// Highest protocol version the member speaks.
+    version: u8,
+    /// Advertisement messages received, with their sender.
+    adverts: std::cell::RefCell<Vec<(MemberId, Vec<u8>)>>,
 }
 
 struct Link {
@@ -224,19 +228,47 @@ struct Cluster {
     now: Instant,
     members: Vec<Member>,
     links: Vec<Link>,
+    /// Version a member offers when dialing another, lowered after a version-mismatch reject
+    /// (as the mesh does).
+    dial_version: std::collections::HashMap<(usize, usize), u8>,
+    /// Rejects seen by dialing members.
+    rejects: Vec<(usize, usize, ErrorCode)>,
 }
 
 impl Cluster {
     fn new(n: usize) -> Self {
-        let members = (0..n)
-            .map(|i| Member {
+        Self::with_versions(&vec![VERSION_1; n])
+    }
+
+    /// A cluster whose member `i` speaks up to `versions[i]`.
+    fn with_versions(versions: &[u8]) -> Self {
+        let members = versions
+            .iter()
+            .enumerate()
+            .map(|(i, &version)| Member {
                 id: MemberId(i as u8),
                 local: ConnectionTable::new(MemberId(i as u8)),
                 db: ConnectionDatabase::new(),
                 alive: true,
+                version,
+                adverts: Default::default(),
             })
             .collect();
-        Cluster { now: Instant::now(), members, links: Vec::new() }
+        Cluster {
+            now: Instant::now(),
+            members,
+            links: Vec::new(),
+            dial_version: Default::default(),
+            rejects: Vec::new(),
+        }
+    }
+
+    fn session_config(&self, me: usize, peer: usize, role: Role) -> SessionConfig {
+        let mut version = self.members[me].version;
+        if role == Role::Initiator {
+            version = version.min(*self.dial_version.get(&(me, peer)).unwrap_or(&version));
+        }
+        SessionConfig { version, ..cfg() }
     }
 
     /// Member `i` dials every live member it has no channel with.
@@ -246,11 +278,15 @@ impl Cluster {
             for hi in lo + 1..n {
                 let open = self.links.iter().any(|l| l.lo == lo && l.hi == hi);
                 if !open && self.members[lo].alive && self.members[hi].alive {
+                    let (lo_cfg, hi_cfg) =
+                        (self.session_config(lo, hi, Role::Initiator), self.session_config(hi, lo, Role::Acceptor));
                     self.links.push(Link {
                         lo,
                         hi,
-                        lo_side: Session::new(Role::Initiator, Admission::Member, cfg(), self.now),
-                        hi_side: Session::new(Role::Acceptor, Admission::Member, cfg(), self.now),
+                        lo_side: Session::new(Role::Initiator, Admission::Member, lo_cfg, self.now)
+                            .with_peer_member(self.members[hi].id),
+                        hi_side: Session::new(Role::Acceptor, Admission::Member, hi_cfg, self.now)
+                            .with_peer_member(self.members[lo].id),
                     });
                 }
             }
@@ -287,8 +323,15 @@ impl Cluster {
         }
     }
 
+    /// Member `at` advertises `bytes` on every channel; returns how many took them.
+    fn advertise(&mut self, at: usize, bytes: &[u8]) -> usize {
+        let now = self.now;
+        self.sides_of(at).map(|side| side.advertise(now, bytes)).filter(|&sent| sent).count()
+    }
+
     /// Delivers bytes and events until nothing moves.
     fn settle(&mut self) {
+        let mut rejects = Vec::new();
         loop {
             let mut moved = false;
             for l in self.links.iter_mut() {
@@ -315,11 +358,21 @@ impl Cluster {
                             Event::Remove { connection, .. } => {
                                 assert_eq!(m.db.remove(&connection, owner), RemoveOutcome::Removed);
                             }
-                            Event::Closed(_) => {
+                            Event::Advertisement(bytes) => m.adverts.borrow_mut().push((owner, bytes)),
+                            Event::Closed(reason) => {
                                 m.db.purge_owner(owner);
+                                if let CloseReason::RejectedByPeer(code) = reason {
+                                    rejects.push((me, peer, code, s.version()));
+                                }
                             }
                         }
                     }
+                }
+            }
+            for (me, peer, code, offered) in rejects.drain(..) {
+                self.rejects.push((me, peer, code));
+                if code == ErrorCode::VERSION_MISMATCH && offered > VERSION_1 {
+                    self.dial_version.insert((me, peer), offered - 1);
                 }
             }
             self.links.retain(|l| !(l.lo_side.is_closed() && l.hi_side.is_closed()));
@@ -370,6 +423,8 @@ impl Cluster {
         }
     }
 }
+
+mod v2;
 
 #[test]
 fn cluster_joins_and_converges() {
@@ -448,7 +503,7 @@ fn leave_purges_at_once() {
 proptest::proptest! {
     #[test]
     fn arbitrary_frames_never_panic_nor_speak_after_close(
-        mode in 0u8..4,
+        mode in 0u8..8,
         chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24), 0..40),
         // Valid messages mixed in, so the fuzzing reaches the joined states.
         prefix_join in proptest::prelude::any::<bool>(),
@@ -457,10 +512,14 @@ proptest::proptest! {
         let admission = if mode & 2 == 0 { Admission::Member } else { Admission::NotMember };
         let t0 = Instant::now();
         let mut now = t0;
-        let mut s = Session::new(role, admission, cfg(), now);
+        // Bit 2: the member speaks version 2 (and the peer is member 1).
+        let version = if mode & 4 == 0 { VERSION_1 } else { crate::wire::VERSION_2 };
+        let mut s = Session::new(role, admission, SessionConfig { version, ..cfg() }, now).with_peer_member(MemberId(1));
         let mut closed = false;
         if prefix_join {
-            s.handle_bytes(now, &[3, 1, 1, 0]);
+            s.handle_bytes(now, &[3, 1, version, 0]);
+            // A LOAD: an advertisement at version 2, garbage at version 1.
+            s.handle_bytes(now, &[5, 1, 1, 0, 0x3f, 0x80, 0, 0]);
         }
         for chunk in chunks {
             s.handle_bytes(now, &chunk);
@@ -474,6 +533,10 @@ proptest::proptest! {
                         proptest::prop_assert_eq!(admission, Admission::Member)
                     }
                     Event::Install { .. } | Event::Remove { .. } => {}
+                    Event::Advertisement(bytes) => {
+                        proptest::prop_assert!(s.version() >= 2, "advertisements only at version 2");
+                        proptest::prop_assert_eq!(bytes[2], 1, "only the peer's own advertisements pass");
+                    }
                     Event::Closed(_) => closed = true,
                     Event::Established => {}
                 }
