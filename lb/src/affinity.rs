@@ -7,8 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cluster_proto::mesh::Mesh;
 use cluster_proto::{Action, Connection, ConnectionDatabase, ConnectionTable, MemberId, Protocol};
-use dictionary_affinity::affinity::{LoadReport, PairGranularity, SavingsLedger};
+use dictionary_affinity::affinity::{
+    decode_advertisement, encode_advertisement, AffinityEngine, LoadReport, PairGranularity, SavingsLedger,
+};
 
 /// Each member's load as every member can count it without a message: the connections it
 /// owns in the shared database (paper 2.5: every member holds every member's connections).
@@ -72,6 +75,62 @@ impl Savings {
 
 /// Shared handle used by the proxy role (it records) and the advertiser (it reads).
 pub type SharedSavings = Arc<Savings>;
+
+/// Statistics not re-advertised for an hour are ignored by the engines (`max_age`): every
+/// pair is advertised again at least this often.
+const FULL_EVERY: Duration = Duration::from_secs(600);
+
+/// Applies the peers' DICT_STATS/LOAD to `engine` as they arrive. Undecodable content cannot
+/// reach here (the session checks the framing and the member byte); a record the codec still
+/// refuses (a prefix with host bits, a negative value) is logged and dropped.
+pub fn apply_advertisements(mesh: &Mesh, engine: Arc<AffinityEngine>) {
+    mesh.set_advertisement_listener(Box::new(move |from, bytes| match decode_advertisement(bytes) {
+        Ok(adv) => engine.apply(Instant::now(), &adv),
+        Err(e) => tracing::warn!(peer = from.0, error = %e, "advertisement dropped"),
+    }));
+}
+
+/// Advertises this member's changed pairs every `every` (all of them when the membership
+/// changed, so that a member that just joined learns them, and every [`FULL_EVERY`]), and
+/// feeds them to this member's own engine too, as peers see them. Ends when `stop` turns true.
+pub async fn advertise(
+    mesh: Mesh,
+    savings: SharedSavings,
+    engine: Option<Arc<AffinityEngine>>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut generation = u64::MAX;
+    let mut last_full = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = Instant::now();
+        let g = mesh.membership_generation();
+        let stats = if g != generation || now.duration_since(last_full) >= FULL_EVERY {
+            generation = g;
+            last_full = now;
+            // Take the changes too, so they are not sent twice.
+            savings.ledger().advertise(now, mesh.me(), savings.epoch());
+            savings.ledger().snapshot(now, mesh.me(), savings.epoch())
+        } else {
+            savings.ledger().advertise(now, mesh.me(), savings.epoch())
+        };
+        if stats.is_empty() {
+            continue;
+        }
+        if let Some(e) = &engine {
+            e.observe(now, &stats);
+        }
+        if let Err(e) = mesh.advertise(&encode_advertisement(&stats, &[])) {
+            tracing::warn!(error = %e, "cannot advertise dictionary statistics");
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

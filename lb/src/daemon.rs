@@ -32,6 +32,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let steering = config.dataplane.as_ref().map(|d| crate::dataplane::steering(d, &config.affinity, &mesh));
     if let Some(st) = &steering {
         metrics.set_steering(st.clone());
+        if let Some(engine) = st.affinity() {
+            crate::affinity::apply_advertisements(&mesh, engine.clone());
+            if config.cluster.version < cluster_proto::wire::VERSION_2 {
+                tracing::warn!(
+                    "policy affinity on cluster.version 1: no dictionary statistics (DICT_STATS needs version 2);                      choosing by rendezvous on the client/server pair within the load bound"
+                );
+            }
+        }
     }
     let mut stop_admin = stop_rx.clone();
     let admin = admin::serve(

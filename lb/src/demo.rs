@@ -74,7 +74,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let addrs: Vec<IpAddr> = (1..=3).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
     let port = free_port()?;
     let admin_port = free_port()?;
-    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(200), dead_after: 3 };
+    let session = SessionConfig { version: 2, keepalive: Duration::from_millis(200), dead_after: 3 };
     println!("lb demo: a 3-member cluster on 127.0.0.1-3, control port {port}, keepalive 200 ms x 3");
     // Control channels use mutual TLS with a CA made for this run (lb gen-certs does the same
     // for real clusters).
@@ -158,6 +158,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
 
     fig1_in_memory(&members[0].mesh, &members[1].mesh, 500).await?;
+    crate::demo_fig2::fig2_in_memory(&meshes).await?;
 
     println!("\n  killing member 127.0.0.3 (no PEER_LEAVE, as a crash)...");
     let victim = members.pop().expect("three members");

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod demo_fig2;
 pub mod metrics;
 pub mod proxy;
 pub mod rules;
