@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod certs;
+pub mod chain;
 pub mod client;
 pub mod config;
 pub mod daemon;
