@@ -103,8 +103,10 @@ impl std::fmt::Debug for ChainConfig {
 }
 
 /// Counters of the chain role, shared with the metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ChainStats {
+    /// The role these counters belong to.
+    pub role: Role,
     /// Connections that ran the codec and ended cleanly.
     pub chained: AtomicU64,
     /// Connections relayed plain (not to a chain port, no HELLO, or budgets differ).
@@ -133,6 +135,40 @@ pub struct ChainStats {
     pub dictionary_bytes: AtomicU64,
     /// Pair dictionaries written to `dictionary_dir`.
     pub saves: AtomicU64,
+}
+
+impl ChainStats {
+    /// All zero.
+    pub fn new(role: Role) -> Self {
+        let z = || AtomicU64::new(0);
+        Self {
+            role,
+            chained: z(),
+            plain: z(),
+            failed: z(),
+            ephemeral: z(),
+            to_upstream_plain: z(),
+            to_upstream_wire: z(),
+            to_downstream_plain: z(),
+            to_downstream_wire: z(),
+            resets: z(),
+            nacks_sent: z(),
+            nacks_received: z(),
+            decode_errors: z(),
+            dictionary_bytes: z(),
+            saves: z(),
+        }
+    }
+}
+
+impl Role {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Downstream => "downstream",
+            Role::Upstream => "upstream",
+        }
+    }
 }
 
 /// Why a chained connection failed.
@@ -230,7 +266,7 @@ impl Chain {
     /// The chain role, with the pair dictionaries loaded from `dictionary_dir` if set.
     pub fn new(config: ChainConfig) -> Arc<Chain> {
         let dicts = Dictionaries::new(config.budget, config.dictionary_dir.clone());
-        let stats = Arc::new(ChainStats::default());
+        let stats = Arc::new(ChainStats::new(config.role));
         stats.dictionary_bytes.store(dicts.used(), Relaxed);
         Arc::new(Chain { config, dicts, stats })
     }
