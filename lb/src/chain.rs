@@ -38,6 +38,10 @@ const READ_BUF: usize = 64 * 1024;
 /// The encoder flushes its carry when its input has been quiet this long: a shorter pause
 /// would cut chunks at read boundaries and cost dictionary hits on the next pass.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(2);
+/// How long a connection waits for its pair's dictionaries while another connection holds
+/// them, before it runs on throwaway ones: long enough for the previous connection of a
+/// sequence to finish closing, short enough not to delay truly concurrent ones much.
+pub const CHECKOUT_WAIT: Duration = Duration::from_millis(50);
 /// How often an upstream reports savings of a long connection to the [`SavingsSink`].
 pub const SAVINGS_EVERY: Duration = Duration::from_secs(1);
 /// Server-first bytes buffered by an upstream while it waits for the client's first bytes.
@@ -391,7 +395,7 @@ impl Chain {
         let stores = if peer.budget != self.config.budget {
             None
         } else if peer.flags & FLAG_AVAILABLE != 0 {
-            self.dicts.checkout(&peer.id).map(Some).or(Some(None))
+            self.dicts.checkout_wait(&peer.id, CHECKOUT_WAIT).await.map(Some).or(Some(None))
         } else {
             Some(None)
         };
@@ -448,7 +452,11 @@ impl Chain {
                 Detection::Chained { hello, rest, server_first } => (hello, rest, server_first),
             };
         Meter(&conn.up_wire, &s.to_upstream_wire).add(wire::HELLO_FIXED + hello.id.len() + rest.len());
-        let checkout = if hello.budget == self.config.budget { self.dicts.checkout(&hello.id) } else { None };
+        let checkout = if hello.budget == self.config.budget {
+            self.dicts.checkout_wait(&hello.id, CHECKOUT_WAIT).await
+        } else {
+            None
+        };
         let ours = self.hello(if checkout.is_some() { FLAG_AVAILABLE } else { 0 });
         client.write_all(&ours).await?;
         Meter(&conn.down_wire, &s.to_downstream_wire).add(ours.len());

@@ -46,6 +46,8 @@ pub struct Dictionaries {
     budget: u64,
     dir: Option<PathBuf>,
     pairs: Mutex<HashMap<String, Slot>>,
+    /// Woken at every check-in, for connections waiting for a busy pair.
+    freed: tokio::sync::Notify,
 }
 
 const DIRECTIONS: [&str; 2] = ["to_upstream", "to_downstream"];
@@ -64,7 +66,7 @@ impl Dictionaries {
                 pairs.insert(peer, Slot { stores: Some(stores), dirty: false, used });
             }
         }
-        Self { budget, dir, pairs: Mutex::new(pairs) }
+        Self { budget, dir, pairs: Mutex::new(pairs), freed: tokio::sync::Notify::new() }
     }
 
     /// The per-direction byte budget.
@@ -84,6 +86,23 @@ impl Dictionaries {
         slot.stores.take()
     }
 
+    /// [`Dictionaries::checkout`], waiting up to `wait` for a busy pair: the previous
+    /// connection of a pair often still closes on one side when the next one starts.
+    pub async fn checkout_wait(&self, peer: &str, wait: std::time::Duration) -> Option<PairStores> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(s) = self.checkout(peer) {
+                return Some(s);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
     /// Gives back what [`Dictionaries::checkout`] took; returns the bytes now held by all pairs.
     pub fn checkin(&self, peer: &str, stores: PairStores, changed: bool) -> u64 {
         let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
@@ -91,7 +110,10 @@ impl Dictionaries {
         slot.used = stores.used();
         slot.dirty |= changed;
         slot.stores = Some(stores);
-        pairs.values().map(|s| s.used).sum()
+        let used = pairs.values().map(|s| s.used).sum();
+        drop(pairs);
+        self.freed.notify_waiters();
+        used
     }
 
     /// Bytes held by all pairs (as of their last check-in).
