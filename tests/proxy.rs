@@ -98,6 +98,7 @@ fn tproxy_spoofed_connection_reaches_the_server_from_the_client_address() {
         connect_timeout: WAIT,
         idle_timeout: WAIT,
         max_connections: 16,
+        chain: None,
     };
     let data = pattern(PAYLOAD);
     let (proxy_ns, server_ns) = (&proxy_ns, &server_ns);

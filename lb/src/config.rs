@@ -216,6 +216,77 @@ pub struct ProxySection {
     /// Install and remove the TPROXY rules, policy rule and local route.
     #[serde(default = "default_true")]
     pub manage_rules: bool,
+    /// Chained proxies (paper 1.2, docs/codec.md section 11): "plain", "downstream" or "upstream".
+    #[serde(default)]
+    pub role: ProxyRole,
+    /// Downstream: intercepted ports whose connections are chained (the rest is relayed plain).
+    #[serde(default)]
+    pub chain_ports: Vec<u16>,
+    /// Upstream: how long to wait for a client's first bytes before relaying plain, in ms.
+    #[serde(default = "default_detect_ms")]
+    pub detect_ms: u64,
+    /// Dictionary budget per peer and direction, in MiB; must be equal on both ends of a chain.
+    #[serde(default = "default_dictionary_budget_mb")]
+    pub dictionary_budget_mb: u64,
+    /// Save the pair dictionaries here (at shutdown and every 30 s) and load them at start.
+    #[serde(default)]
+    pub dictionary_dir: Option<std::path::PathBuf>,
+    /// This proxy's identity in the chain HELLO (default: node.address).
+    #[serde(default)]
+    pub chain_id: Option<String>,
+    /// Compress literal and new-chunk bodies with zstd level 1.
+    #[serde(default)]
+    pub zstd: bool,
+}
+
+/// `[proxy] role`: which end of a proxy chain this proxy is, if any.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyRole {
+    /// A transparent proxy, no chain.
+    #[default]
+    Plain,
+    /// Encodes connections to `chain_ports` towards an upstream proxy.
+    Downstream,
+    /// Decodes chained connections from downstream proxies; relays the rest plain.
+    Upstream,
+}
+
+fn default_detect_ms() -> u64 {
+    300
+}
+
+fn default_dictionary_budget_mb() -> u64 {
+    64
+}
+
+impl ProxySection {
+    /// Checks the chain keys.
+    fn validate_chain(&self) -> Result<(), ConfigError> {
+        let role = self.role;
+        if role == ProxyRole::Downstream {
+            if self.chain_ports.is_empty() {
+                return Err(invalid("proxy.chain_ports", "a downstream needs the ports to chain"));
+            }
+            if let Some(p) = self.chain_ports.iter().find(|p| !self.intercept_tcp_ports.contains(p)) {
+                return Err(invalid("proxy.chain_ports", format!("port {p} is not in intercept_tcp_ports")));
+            }
+        } else if !self.chain_ports.is_empty() {
+            return Err(invalid("proxy.chain_ports", "only a role = \"downstream\" proxy chains ports"));
+        }
+        if !(1..=10_000).contains(&self.detect_ms) {
+            return Err(invalid("proxy.detect_ms", "must be between 1 and 10000"));
+        }
+        if !(1..=65_536).contains(&self.dictionary_budget_mb) {
+            return Err(invalid("proxy.dictionary_budget_mb", "must be between 1 and 65536"));
+        }
+        if let Some(id) = &self.chain_id {
+            if id.is_empty() || id.len() > 255 {
+                return Err(invalid("proxy.chain_id", "must be 1 to 255 bytes"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[dataplane]`: what is intercepted and how flows are handed over.
@@ -602,6 +673,7 @@ impl Config {
                     "must not contain the proxy's own listen port (it would loop)",
                 ));
             }
+            p.validate_chain()?;
         }
         Ok(c)
     }
@@ -877,6 +949,40 @@ listen = "127.0.0.1:9741"
         assert_eq!(c.cluster.port, DEFAULT_PORT);
         assert_eq!(c.cluster.keepalive_ms, 1000);
         assert_eq!(c.admin.listen, DEFAULT_ADMIN.parse().unwrap());
+    }
+
+    const PROXY: &str = "\n[proxy]\nlisten = \"0.0.0.0:8080\"\nintercept_tcp_ports = [80, 443]\n";
+
+    #[test]
+    fn proxy_chain_keys() {
+        let c = Config::parse(GOOD).unwrap();
+        assert!(c.proxy.is_none());
+        let c = Config::parse(&format!("{GOOD}{PROXY}")).unwrap();
+        let p = c.proxy.unwrap();
+        assert_eq!((p.role, p.detect_ms, p.dictionary_budget_mb, p.zstd), (ProxyRole::Plain, 300, 64, false));
+        assert!(p.chain_ports.is_empty() && p.dictionary_dir.is_none() && p.chain_id.is_none());
+        let down = format!(
+            "{GOOD}{PROXY}role = \"downstream\"\nchain_ports = [80]\ndictionary_budget_mb = 8\n\
+             dictionary_dir = \"/var/lib/lb/dict\"\nchain_id = \"branch-7\"\nzstd = true\n"
+        );
+        let p = Config::parse(&down).unwrap().proxy.unwrap();
+        assert_eq!((p.role, p.chain_ports, p.dictionary_budget_mb, p.zstd), (ProxyRole::Downstream, vec![80], 8, true));
+        assert_eq!(p.chain_id.as_deref(), Some("branch-7"));
+        let p = Config::parse(&format!("{GOOD}{PROXY}role = \"upstream\"\ndetect_ms = 50\n")).unwrap().proxy.unwrap();
+        assert_eq!((p.role, p.detect_ms), (ProxyRole::Upstream, 50));
+        for (extra, want) in [
+            ("role = \"middle\"", "role"),
+            ("role = \"downstream\"", "proxy.chain_ports"),
+            ("role = \"downstream\"\nchain_ports = [25]", "not in intercept_tcp_ports"),
+            ("role = \"upstream\"\nchain_ports = [80]", "proxy.chain_ports"),
+            ("role = \"upstream\"\ndetect_ms = 0", "proxy.detect_ms"),
+            ("dictionary_budget_mb = 0", "proxy.dictionary_budget_mb"),
+            ("chain_id = \"\"", "proxy.chain_id"),
+            ("chain_bogus = 1", "chain_bogus"),
+        ] {
+            let e = err(&format!("{GOOD}{PROXY}{extra}\n"));
+            assert!(e.contains(want), "error {e:?} should mention {want:?}");
+        }
     }
 
     #[test]

@@ -62,9 +62,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         _ => None,
     };
     // Dropped on any exit (error included): removes the proxy's rules.
-    let _proxy_rules = match &config.proxy {
-        Some(p) => Some(start_proxy(p, stop_rx.clone(), &metrics).await?),
-        None => None,
+    let (_proxy_rules, proxy_task) = match &config.proxy {
+        Some(p) => {
+            let (rules, task) = start_proxy(p, config.node.address, stop_rx.clone(), &metrics).await?;
+            (Some(rules), Some(task))
+        }
+        None => (None, None),
     };
 
     ready.store(true, std::sync::atomic::Ordering::Release);
@@ -79,6 +82,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || dp.stop()).await?;
     }
     let _ = stop_tx.send(true);
+    if let Some(task) = proxy_task {
+        // The proxy saves the chain's pair dictionaries (dictionary_dir) as it stops.
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
     drop(_proxy_rules);
     mesh.shutdown(Duration::from_secs(2)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
@@ -95,23 +102,51 @@ impl Drop for InstalledRules {
     }
 }
 
+/// The chain role of `[proxy]`, if any. The savings hook is not wired yet (`None`): the
+/// affinity engine will pass its ledger here.
+fn chain_config(p: &crate::config::ProxySection, node: std::net::IpAddr) -> Option<crate::chain::ChainConfig> {
+    use crate::chain::Role;
+    use crate::config::ProxyRole;
+    let role = match p.role {
+        ProxyRole::Plain => return None,
+        ProxyRole::Downstream => Role::Downstream,
+        ProxyRole::Upstream => Role::Upstream,
+    };
+    Some(crate::chain::ChainConfig {
+        role,
+        chain_ports: p.chain_ports.clone(),
+        detect: Duration::from_millis(p.detect_ms),
+        hello_timeout: Duration::from_millis(p.connect_timeout_ms),
+        budget: p.dictionary_budget_mb << 20,
+        dictionary_dir: p.dictionary_dir.clone(),
+        id: p.chain_id.clone().unwrap_or_else(|| node.to_string()),
+        zstd: p.zstd,
+        savings: None,
+    })
+}
+
 /// Starts the transparent proxy and installs its rules (after removing any an earlier run
 /// left behind, so a restart after a crash works).
 async fn start_proxy(
     p: &crate::config::ProxySection,
+    node: std::net::IpAddr,
     mut stop: tokio::sync::watch::Receiver<bool>,
     metrics: &Metrics,
-) -> anyhow::Result<InstalledRules> {
+) -> anyhow::Result<(InstalledRules, tokio::task::JoinHandle<()>)> {
     let proxy = crate::proxy::bind(crate::proxy::ProxyConfig {
         listen: p.listen,
         spoof: p.spoof,
         connect_timeout: Duration::from_millis(p.connect_timeout_ms),
         idle_timeout: Duration::from_millis(p.idle_timeout_ms),
         max_connections: p.max_connections,
+        chain: chain_config(p, node),
     })
     .await
     .with_context(|| format!("cannot listen on proxy.listen {} (IP_TRANSPARENT needs root)", p.listen))?;
     metrics.set_proxy(proxy.stats());
+    if let Some(chain) = proxy.chain_stats() {
+        metrics.set_chain(chain);
+    }
     let mut rules = Vec::new();
     if p.manage_rules {
         let families: &[bool] = if p.listen.is_ipv4() { &[false] } else { &[false, true] };
@@ -134,11 +169,11 @@ async fn start_proxy(
         }
         tracing::info!(listen = %p.listen, ports = ?p.intercept_tcp_ports, "TPROXY rules installed");
     }
-    tokio::spawn(proxy.serve(async move {
+    let task = tokio::spawn(proxy.serve(async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
-    tracing::info!(listen = %p.listen, spoof = p.spoof, "transparent proxy up");
-    Ok(InstalledRules(rules))
+    tracing::info!(listen = %p.listen, spoof = p.spoof, role = ?p.role, "transparent proxy up");
+    Ok((InstalledRules(rules), task))
 }
 
 /// Runs argv commands in order; with `strict`, the first failure is an error.

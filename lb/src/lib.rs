@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod affinity;
 pub mod certs;
+pub mod chain;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -39,6 +39,11 @@ pub struct Metrics {
     proxy_active: IntGauge,
     steering: std::sync::Mutex<Option<Arc<crate::steering::Steering>>>,
     owner_decisions: IntCounterVec,
+    chain: std::sync::Mutex<Option<Arc<crate::chain::ChainStats>>>,
+    chain_conns: IntCounterVec,
+    chain_bytes: IntCounterVec,
+    chain_events: IntCounterVec,
+    chain_dictionary: IntGauge,
     /// Data-plane counter values already added, to add only what is new at each scrape.
     dp_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -132,6 +137,30 @@ impl Metrics {
             ),
             &["policy", "reason"],
         ));
+        // Registered by set_chain, for a proxy with a chain role.
+        let chain_conns = must(IntCounterVec::new(
+            Opts::new(
+                "lb_chain_connections_total",
+                "Connections of the chained-proxy role by mode: chained, plain, failed, ephemeral (chained on throwaway dictionaries; also counted as chained).",
+            ),
+            &["role", "mode"],
+        ));
+        let chain_bytes = must(IntCounterVec::new(
+            Opts::new(
+                "lb_chain_bytes_total",
+                "Bytes of chained connections by direction (to_upstream, to_downstream) and layer (plain: before encoding / after decoding; wire: on the chain link).",
+            ),
+            &["direction", "layer"],
+        ));
+        let chain_events = must(IntCounterVec::new(
+            Opts::new(
+                "lb_chain_events_total",
+                "Chain codec events: reset (epoch resets started here), nack_sent, nack_received, decode_error, dictionary_saved.",
+            ),
+            &["event"],
+        ));
+        let chain_dictionary =
+            must(IntGauge::new("lb_chain_dictionary_bytes", "Bytes held by all pair dictionaries (both directions)."));
         // Registered by set_dataplane: a member without [dataplane] exports no lb_dataplane_up
         // (a 0 there would look like a dead data plane to an alert).
         Arc::new(Metrics {
@@ -162,6 +191,11 @@ impl Metrics {
             proxy_active,
             steering: Default::default(),
             owner_decisions,
+            chain: Default::default(),
+            chain_conns,
+            chain_bytes,
+            chain_events,
+            chain_dictionary,
             dp_seen: Default::default(),
         })
     }
@@ -202,6 +236,51 @@ impl Metrics {
             must(self.registry.register(Box::new(self.proxy_active.clone())));
         }
         *p = Some(stats);
+    }
+
+    /// Exports the chained-proxy role's counters.
+    pub fn set_chain(&self, stats: Arc<crate::chain::ChainStats>) {
+        let mut c = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        if c.is_none() {
+            must(self.registry.register(Box::new(self.chain_conns.clone())));
+            must(self.registry.register(Box::new(self.chain_bytes.clone())));
+            must(self.registry.register(Box::new(self.chain_events.clone())));
+            must(self.registry.register(Box::new(self.chain_dictionary.clone())));
+        }
+        *c = Some(stats);
+    }
+
+    fn render_chain(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(s) = self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let mut seen = self.dp_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut add = |vec: &IntCounterVec, labels: &[&str], value: u64| {
+            let before = seen.insert(format!("chain/{}", labels.join("/")), value).unwrap_or(0);
+            vec.with_label_values(labels).inc_by(value.saturating_sub(before));
+        };
+        for (mode, v) in
+            [("chained", &s.chained), ("plain", &s.plain), ("failed", &s.failed), ("ephemeral", &s.ephemeral)]
+        {
+            add(&self.chain_conns, &[s.role.as_str(), mode], v.load(Relaxed));
+        }
+        for (dir, layer, v) in [
+            ("to_upstream", "plain", &s.to_upstream_plain),
+            ("to_upstream", "wire", &s.to_upstream_wire),
+            ("to_downstream", "plain", &s.to_downstream_plain),
+            ("to_downstream", "wire", &s.to_downstream_wire),
+        ] {
+            add(&self.chain_bytes, &[dir, layer], v.load(Relaxed));
+        }
+        for (event, v) in [
+            ("reset", &s.resets),
+            ("nack_sent", &s.nacks_sent),
+            ("nack_received", &s.nacks_received),
+            ("decode_error", &s.decode_errors),
+            ("dictionary_saved", &s.saves),
+        ] {
+            add(&self.chain_events, &[event], v.load(Relaxed));
+        }
+        self.chain_dictionary.set(s.dictionary_bytes.load(Relaxed) as i64);
     }
 
     fn render_proxy(&self) {
@@ -289,6 +368,7 @@ impl Metrics {
         self.render_dataplane();
         self.render_proxy();
         self.render_steering();
+        self.render_chain();
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -26,13 +26,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::chain::{reset_on_close, Chain, ChainConfig, ChainStats, Outcome, Role};
+
 /// Listen backlog of the TPROXY socket.
 const BACKLOG: u32 = 1024;
 /// Relay buffer per direction and connection.
 const BUF: usize = 16 * 1024;
 
 /// What the transparent proxy listens on and how it treats each connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// The TPROXY port's socket, e.g. `0.0.0.0:8080`, or `[::]:8080` for both families.
     pub listen: SocketAddr,
@@ -44,6 +46,9 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Connections relayed at once; further ones are closed as soon as they are accepted.
     pub max_connections: usize,
+    /// Chained-proxy role (downstream encoder or upstream decoder); `None` is a plain proxy.
+    /// Its `savings` is the upstream's [`crate::chain::SavingsSink`].
+    pub chain: Option<ChainConfig>,
 }
 
 /// Counters of the proxy, shared with whoever exports them (Prometheus).
@@ -78,6 +83,7 @@ pub struct Proxy {
     config: ProxyConfig,
     stats: Arc<ProxyStats>,
     permits: Arc<Semaphore>,
+    chain: Option<Arc<Chain>>,
 }
 
 /// Binds the TPROXY listening socket (needs CAP_NET_ADMIN for IP_TRANSPARENT).
@@ -98,12 +104,15 @@ pub async fn bind(config: ProxyConfig) -> io::Result<Proxy> {
     sock.bind(config.listen)?;
     let listener = sock.listen(BACKLOG)?;
     let permits = Arc::new(Semaphore::new(config.max_connections));
-    Ok(Proxy { listener, config, stats: Arc::default(), permits })
+    // Loads the pair dictionaries from `dictionary_dir` (blocking, once at start).
+    let chain = config.chain.clone().map(Chain::new);
+    Ok(Proxy { listener, config, stats: Arc::default(), permits, chain })
 }
 
 /// Binds the proxy and serves it until `shutdown` completes.
 pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let proxy = bind(config).await.with_context(|| format!("binding the transparent proxy on {}", config.listen))?;
+    let proxy =
+        bind(config.clone()).await.with_context(|| format!("binding the transparent proxy on {}", config.listen))?;
     info!(listen = %proxy.local_addr()?, spoof = config.spoof, "transparent proxy listening");
     proxy.serve(shutdown).await;
     Ok(())
@@ -120,15 +129,28 @@ impl Proxy {
         Arc::clone(&self.stats)
     }
 
+    /// The chain role's counters, when the proxy has one.
+    pub fn chain_stats(&self) -> Option<Arc<ChainStats>> {
+        self.chain.as_ref().map(|c| c.stats())
+    }
+
     /// Accepts and relays connections until `shutdown` completes, then closes every open relay.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Proxy { listener, config, stats, permits } = self;
+        let Proxy { listener, config, stats, permits, chain } = self;
+        let config = Arc::new(config);
         let listen_port = listener.local_addr().map_or(config.listen.port(), |a| a.port());
         let mut tasks = JoinSet::new();
+        let saving = chain.as_ref().filter(|c| c.config().dictionary_dir.is_some()).cloned();
+        let mut save_tick =
+            tokio::time::interval_at(Instant::now() + crate::chain::SAVE_EVERY, crate::chain::SAVE_EVERY);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = save_tick.tick(), if saving.is_some() => {
+                    let c = saving.clone().expect("guarded");
+                    tokio::task::spawn_blocking(move || c.save());
+                }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = done {
                         info!(error = %e, "proxy connection task failed");
@@ -158,15 +180,20 @@ impl Proxy {
                         continue;
                     };
                     stats.accepted.fetch_add(1, Relaxed);
-                    let stats = Arc::clone(&stats);
+                    let (stats, config, chain) = (Arc::clone(&stats), Arc::clone(&config), chain.clone());
                     tasks.spawn(async move {
-                        serve_connection(client, peer, dst, config, &stats).await;
+                        serve_connection(client, peer, dst, &config, &stats, chain.as_deref()).await;
                         drop(permit);
                     });
                 }
             }
         }
+        // Aborted connections give their dictionaries back as they drop, then they are saved.
         tasks.shutdown().await;
+        if let Some(c) = saving {
+            let saved = tokio::task::spawn_blocking(move || c.save()).await.unwrap_or(0);
+            info!(pairs = saved, "pair dictionaries saved");
+        }
     }
 }
 
@@ -175,8 +202,9 @@ async fn serve_connection(
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    config: ProxyConfig,
+    config: &ProxyConfig,
     stats: &ProxyStats,
+    chain: Option<&Chain>,
 ) {
     let _active = Gauge::up(&stats.active);
     // A `[::]` listener reports IPv4 connections as v4-mapped; the outbound socket is plain IPv4.
@@ -193,6 +221,27 @@ async fn serve_connection(
     };
     ok.fetch_add(1, Relaxed);
     let _ = client.set_nodelay(true);
+    if let Some(chain) = chain.filter(|c| c.config().role == Role::Upstream || c.chains_port(dst.port())) {
+        let (mut client, mut server) = (client, server);
+        let ended = match chain.config().role {
+            Role::Downstream => chain.downstream(&mut client, &mut server, config.idle_timeout).await,
+            Role::Upstream => chain.upstream(&mut client, &mut server, peer, dst, config.idle_timeout).await,
+        };
+        match ended {
+            Ok(Outcome::Idle) => {
+                stats.idle_timeouts.fetch_add(1, Relaxed);
+                debug!(%peer, %dst, "chained connection idle, closed");
+            }
+            Ok(outcome) => debug!(%peer, %dst, ?outcome, "chain connection closed"),
+            Err(e) => {
+                // A reset, not a FIN: the client must not take a cut-short stream as complete.
+                reset_on_close(&client);
+                reset_on_close(&server);
+                info!(%peer, %dst, role = ?chain.config().role, error = %e, "chain connection failed, closed both sides");
+            }
+        }
+        return;
+    }
     let flow = Flow::default();
     let ended = relay(client, server, config.idle_timeout, stats, &flow).await;
     let (up, down) = (flow.to_server.load(Relaxed), flow.to_client.load(Relaxed));
@@ -207,7 +256,7 @@ async fn serve_connection(
 }
 
 /// Connects to `dst`, from `client`'s address when spoofing.
-async fn connect(client: SocketAddr, dst: SocketAddr, config: ProxyConfig) -> io::Result<TcpStream> {
+async fn connect(client: SocketAddr, dst: SocketAddr, config: &ProxyConfig) -> io::Result<TcpStream> {
     let v4 = dst.is_ipv4();
     let sock = if v4 { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if config.spoof {
@@ -451,6 +500,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::ZERO,
             max_connections: 0,
+            chain: None,
         };
         assert_eq!(bind(config).await.unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }

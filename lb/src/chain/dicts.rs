@@ -1,0 +1,234 @@
+//! The pair dictionaries of one proxy: one [`Store`] per peer and direction, checked out by
+//! one connection at a time, optionally saved to and loaded from a directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+
+use dictionary_affinity::Store;
+use tracing::{info, warn};
+
+/// Both directions' dictionaries of one downstream/upstream pair.
+#[derive(Debug, Clone)]
+pub struct PairStores {
+    /// Request direction: the downstream encodes, the upstream decodes.
+    pub to_upstream: Store,
+    /// Response direction: the upstream encodes, the downstream decodes.
+    pub to_downstream: Store,
+}
+
+impl PairStores {
+    /// Empty dictionaries at epoch 0.
+    pub fn fresh(budget: u64) -> Self {
+        Self { to_upstream: Store::new(budget), to_downstream: Store::new(budget) }
+    }
+
+    fn used(&self) -> u64 {
+        self.to_upstream.used() + self.to_downstream.used()
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// `None` while a connection has it checked out.
+    stores: Option<PairStores>,
+    /// Changed since the last save.
+    dirty: bool,
+    /// Bytes held at the last check-in (for the gauge while checked out).
+    used: u64,
+}
+
+/// Every pair's dictionaries on this proxy, keyed by the peer's HELLO identity.
+#[derive(Debug)]
+pub struct Dictionaries {
+    budget: u64,
+    dir: Option<PathBuf>,
+    pairs: Mutex<HashMap<String, Slot>>,
+    /// Woken at every check-in, for connections waiting for a busy pair.
+    freed: tokio::sync::Notify,
+}
+
+const DIRECTIONS: [&str; 2] = ["to_upstream", "to_downstream"];
+
+impl Dictionaries {
+    /// Empty, or loaded from `dir` (files that do not load are logged and skipped: that pair
+    /// starts afresh, and the stream header's digest makes the peer reset too).
+    pub fn new(budget: u64, dir: Option<PathBuf>) -> Self {
+        let mut pairs = HashMap::new();
+        if let Some(dir) = &dir {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                warn!(dir = %dir.display(), error = %e, "cannot create the dictionary directory");
+            }
+            for (peer, stores) in load_dir(dir, budget) {
+                let used = stores.used();
+                pairs.insert(peer, Slot { stores: Some(stores), dirty: false, used });
+            }
+        }
+        Self { budget, dir, pairs: Mutex::new(pairs), freed: tokio::sync::Notify::new() }
+    }
+
+    /// The per-direction byte budget.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Takes `peer`'s dictionaries for one connection (created empty on first contact);
+    /// `None` while another connection holds them.
+    pub fn checkout(&self, peer: &str) -> Option<PairStores> {
+        let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = pairs.entry(peer.to_string()).or_insert_with(|| Slot {
+            stores: Some(PairStores::fresh(self.budget)),
+            dirty: false,
+            used: 0,
+        });
+        slot.stores.take()
+    }
+
+    /// [`Dictionaries::checkout`], waiting up to `wait` for a busy pair: the previous
+    /// connection of a pair often still closes on one side when the next one starts.
+    pub async fn checkout_wait(&self, peer: &str, wait: std::time::Duration) -> Option<PairStores> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(s) = self.checkout(peer) {
+                return Some(s);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Gives back what [`Dictionaries::checkout`] took; returns the bytes now held by all pairs.
+    pub fn checkin(&self, peer: &str, stores: PairStores, changed: bool) -> u64 {
+        let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = pairs.entry(peer.to_string()).or_insert(Slot { stores: None, dirty: false, used: 0 });
+        slot.used = stores.used();
+        slot.dirty |= changed;
+        slot.stores = Some(stores);
+        let used = pairs.values().map(|s| s.used).sum();
+        drop(pairs);
+        self.freed.notify_waiters();
+        used
+    }
+
+    /// Bytes held by all pairs (as of their last check-in).
+    pub fn used(&self) -> u64 {
+        self.pairs.lock().unwrap_or_else(|e| e.into_inner()).values().map(|s| s.used).sum()
+    }
+
+    /// Saves every pair that changed since its last save and is not checked out right now
+    /// (blocking file I/O: call it from a blocking thread). Returns the pairs written.
+    pub fn save_changed(&self, counter: &AtomicU64) -> usize {
+        let Some(dir) = &self.dir else { return 0 };
+        let snapshot: Vec<(String, PairStores)> = {
+            let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+            pairs
+                .iter_mut()
+                .filter(|(_, s)| s.dirty && s.stores.is_some())
+                .map(|(peer, s)| {
+                    s.dirty = false;
+                    (peer.clone(), s.stores.clone().expect("filtered"))
+                })
+                .collect()
+        };
+        let mut saved = 0;
+        for (peer, stores) in snapshot {
+            let name = hex(&peer);
+            let result = stores
+                .to_upstream
+                .save(dir.join(format!("{name}.{}.lbds", DIRECTIONS[0])))
+                .and_then(|()| stores.to_downstream.save(dir.join(format!("{name}.{}.lbds", DIRECTIONS[1]))));
+            match result {
+                Ok(()) => {
+                    saved += 1;
+                    counter.fetch_add(1, Relaxed);
+                }
+                Err(e) => warn!(%peer, dir = %dir.display(), error = %e, "cannot save a pair dictionary"),
+            }
+        }
+        saved
+    }
+}
+
+/// Hex of the identity's bytes: any identity becomes a safe file name.
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+fn load_dir(dir: &Path, budget: u64) -> HashMap<String, PairStores> {
+    let mut pairs: HashMap<String, PairStores> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return pairs };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".lbds") else { continue };
+        let Some((peer_hex, direction)) = stem.split_once('.') else { continue };
+        let (Some(peer), Some(d)) = (unhex(peer_hex), DIRECTIONS.iter().position(|d| *d == direction)) else {
+            continue;
+        };
+        let store = match Store::load(entry.path()) {
+            Ok(s) if s.budget() == budget => s,
+            Ok(s) => {
+                warn!(file = %entry.path().display(), saved = s.budget(), configured = budget,
+                    "dictionary file has another budget; ignored, the pair starts a fresh epoch");
+                continue;
+            }
+            Err(e) => {
+                warn!(file = %entry.path().display(), error = %e,
+                    "dictionary file does not load; ignored, the pair starts a fresh epoch");
+                continue;
+            }
+        };
+        let pair = pairs.entry(peer).or_insert_with(|| PairStores::fresh(budget));
+        if d == 0 {
+            pair.to_upstream = store;
+        } else {
+            pair.to_downstream = store;
+        }
+    }
+    for (peer, p) in &pairs {
+        info!(%peer, bytes = p.used(), "pair dictionaries loaded");
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dictionary_affinity::ChunkId;
+
+    #[test]
+    fn one_checkout_at_a_time_and_saved_pairs_load_back_while_corrupt_files_are_skipped() {
+        let dir = std::env::temp_dir().join(format!("lb-dicts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let d = Dictionaries::new(1 << 20, Some(dir.clone()));
+        let mut s = d.checkout("a b/c").expect("first checkout");
+        assert!(d.checkout("a b/c").is_none(), "busy while checked out");
+        let chunk: std::sync::Arc<[u8]> = vec![5u8; 4000].into();
+        s.to_downstream.define(ChunkId::of(&chunk), chunk);
+        let want = s.clone();
+        d.checkin("a b/c", s, true);
+        assert!(d.used() > 4000);
+        let counter = AtomicU64::new(0);
+        assert_eq!(d.save_changed(&counter), 1);
+        assert_eq!(d.save_changed(&counter), 0, "nothing changed since");
+        std::fs::write(dir.join(format!("{}.to_upstream.lbds", hex("broken"))), b"LBDS garbage").unwrap();
+        let again = Dictionaries::new(1 << 20, Some(dir.clone()));
+        let got = again.checkout("a b/c").expect("loaded");
+        assert_eq!((got.to_upstream == want.to_upstream, got.to_downstream == want.to_downstream), (true, true));
+        assert_eq!(again.checkout("broken").expect("fresh").to_upstream, Store::new(1 << 20));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,262 @@
+//! Real-kernel test of chained proxies (paper 1.2, Fig. 2 without the load balancer): a
+//! downstream `lb` and an upstream `lb` with TPROXY and client spoofing on both, keeping
+//! parallel dictionaries of the objects they carry.
+//!
+//! Needs root. Four namespaces of its own (unique names, deleted on drop even when the test
+//! fails), documentation addresses only:
+//!
+//! ```text
+//! client 192.0.2.10 -- 192.0.2.1 downstream 198.51.100.1 -- 198.51.100.2 upstream 203.0.113.1 -- 203.0.113.10 server
+//! ```
+//!
+//! The bytes on the downstream-upstream link are measured twice: by iptables counters in the
+//! downstream's namespace (IP packets, headers included) and by the downstream's metrics.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::wait_until;
+use dictionary_affinity::sample::Rng;
+use handoff::netns::{veth, Netns};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+const WAIT: Duration = Duration::from_secs(10);
+const OBJECTS: usize = 8;
+const OBJECT: usize = 128 * 1024;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), 80);
+const ADMIN: &str = "127.0.0.1:9741";
+
+struct Lb {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Lb {
+    /// A one-member "cluster" (a chained proxy need not be a cluster member) with a proxy role.
+    fn start(ns: &Netns, dir: &std::path::Path, name: &str, me: &str, proxy: &str) -> Lb {
+        let config = format!(
+            "[node]\naddress = \"{me}\"\n\n[cluster]\nplaintext = true\nmembers = [\"{me}\"]\n\n\
+             [admin]\nlisten = \"{ADMIN}\"\n\n[proxy]\nlisten = \"0.0.0.0:8080\"\nspoof = true\n\
+             intercept_tcp_ports = [80]\ndictionary_budget_mb = 16\n{proxy}"
+        );
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = ns
+            .spawn(
+                Command::new(LB)
+                    .args(["run", "--config"])
+                    .arg(&cfg)
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap()),
+            )
+            .unwrap();
+        let lb = Lb { child, log };
+        let admin: SocketAddr = ADMIN.parse().unwrap();
+        let t0 = Instant::now();
+        while !ns.run(|| lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200)) {
+            assert!(t0.elapsed() < WAIT, "{name} not ready:\n{}", lb.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lb
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and a bounded wait for a clean exit.
+    fn terminate(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "lb exits 0 on SIGTERM: {status:?}\n{}", self.log());
+                return;
+            }
+            assert!(t0.elapsed() < WAIT, "lb did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The value of the first line of metric `name` that contains every label.
+fn metric(ns: &Netns, name: &str, labels: &[&str]) -> u64 {
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let text = ns.run(|| lb::client::request(admin, "GET", "/metrics", None).map(|r| r.1).unwrap_or_default());
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name).is_some_and(|r| r.starts_with(['{', ' '])) && labels.iter().all(|x| l.contains(x))
+        })
+        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .unwrap_or(0.0) as u64
+}
+
+/// Bytes counted by the first rule of `chain` in the filter table.
+fn iptables_bytes(ns: &Netns, chain: &str) -> u64 {
+    let out = ns.sh(&format!("iptables -nvxL {chain}")).unwrap();
+    let line = out.lines().nth(2).unwrap_or_else(|| panic!("no counting rule in {chain}: {out}"));
+    line.split_whitespace().nth(1).and_then(|b| b.parse().ok()).unwrap()
+}
+
+/// The object server: a one-byte index and EOF in, that object out; records peer addresses.
+struct Server {
+    stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &Netns, objects: Arc<Vec<Vec<u8>>>) -> Server {
+        let (stop, peers) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (s, p) = (stop.clone(), peers.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns_name = ns.name().to_string();
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let l = TcpListener::bind(SERVER).unwrap();
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !s.load(Relaxed) {
+                match l.accept() {
+                    Ok((mut c, peer)) => {
+                        p.lock().unwrap().push(peer);
+                        let objects = objects.clone();
+                        std::thread::spawn(move || {
+                            c.set_nonblocking(false).unwrap();
+                            c.set_read_timeout(Some(WAIT)).unwrap();
+                            let mut req = Vec::new();
+                            if c.read_to_end(&mut req).is_ok() && !req.is_empty() {
+                                let _ = c.write_all(&objects[usize::from(req[0]) % OBJECTS]);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(WAIT).unwrap();
+        Server { stop, peers, thread: Some(thread) }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Downloads every object once from the client's namespace; panics on any difference.
+fn round(client: &Netns, objects: &[Vec<u8>]) {
+    client.run(|| {
+        for (i, want) in objects.iter().enumerate() {
+            let mut c = TcpStream::connect_timeout(&SERVER, WAIT).expect("connect");
+            c.set_read_timeout(Some(WAIT)).unwrap();
+            c.write_all(&[i as u8]).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            let r = c.read_to_end(&mut got);
+            assert!(
+                r.is_ok() && got == *want,
+                "object {i}: {r:?}, {} of {} bytes, equal: {}",
+                got.len(),
+                want.len(),
+                got == *want
+            );
+        }
+    });
+}
+
+#[test]
+fn chained_proxies_carry_repeats_as_references_and_servers_see_the_client() {
+    let (c, d, u, s) = (
+        Netns::new("lbch-c").unwrap(),
+        Netns::new("lbch-d").unwrap(),
+        Netns::new("lbch-u").unwrap(),
+        Netns::new("lbch-s").unwrap(),
+    );
+    veth(&c, "c0", &d, "d0").unwrap();
+    veth(&d, "d1", &u, "u0").unwrap();
+    veth(&u, "u1", &s, "s0").unwrap();
+    let router =
+        "sysctl -qw net.ipv4.ip_forward=1 && for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done";
+    c.sh("ip addr add 192.0.2.10/24 dev c0 && ip route add default via 192.0.2.1").unwrap();
+    d.sh(&format!(
+        "ip addr add 192.0.2.1/24 dev d0 && ip addr add 198.51.100.1/24 dev d1 && ip route add default via 198.51.100.2 && {router}"
+    ))
+    .unwrap();
+    u.sh(&format!(
+        "ip addr add 198.51.100.2/24 dev u0 && ip addr add 203.0.113.1/24 dev u1 \
+         && ip route add 192.0.2.0/24 via 198.51.100.1 && {router}"
+    ))
+    .unwrap();
+    s.sh("ip addr add 203.0.113.10/24 dev s0 && ip route add default via 203.0.113.1").unwrap();
+    // Independent of lb: every byte between the downstream and the upstream, either way.
+    d.sh("iptables -N LBCH_UP && iptables -A LBCH_UP && iptables -A OUTPUT -o d1 -p tcp -j LBCH_UP \
+          && iptables -N LBCH_DOWN && iptables -A LBCH_DOWN && iptables -A INPUT -i d1 -p tcp -j LBCH_DOWN")
+        .unwrap();
+    let link = |d: &Netns| iptables_bytes(d, "LBCH_UP") + iptables_bytes(d, "LBCH_DOWN");
+
+    let dir = std::env::temp_dir().join(format!("lb-chain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng(0xc4a1);
+    let objects: Arc<Vec<Vec<u8>>> = Arc::new((0..OBJECTS).map(|_| rng.bytes(OBJECT)).collect());
+    let server = Server::start(&s, objects.clone());
+    let mut up = Lb::start(&u, &dir, "up", "198.51.100.2", "role = \"upstream\"\n");
+    let mut down = Lb::start(&d, &dir, "down", "198.51.100.1", "role = \"downstream\"\nchain_ports = [80]\n");
+
+    let total = (OBJECTS * OBJECT) as u64;
+    let wire = |d: &Netns| metric(d, "lb_chain_bytes_total", &["to_downstream", "\"wire\""]);
+    let (l0, w0) = (link(&d), wire(&d));
+    round(&c, &objects);
+    let (l1, w1) = (link(&d), wire(&d));
+    round(&c, &objects);
+    let (l2, w2) = (link(&d), wire(&d));
+    eprintln!(
+        "link bytes (iptables) first {} repeat {}; response wire bytes (metrics) first {} repeat {}; objects {total}",
+        l1 - l0,
+        l2 - l1,
+        w1 - w0,
+        w2 - w1
+    );
+    assert!(l1 - l0 > total, "the first pass carries the objects");
+    assert!((l2 - l1) as f64 <= 0.05 * total as f64, "repeat on the link: {} of {total}\n{}", l2 - l1, down.log());
+    assert!((w2 - w1) as f64 <= 0.05 * total as f64, "repeat per the metrics: {} of {total}", w2 - w1);
+    let peers = server.peers.lock().unwrap().clone();
+    assert_eq!(peers.len(), 2 * OBJECTS);
+    assert!(peers.iter().all(|p| p.ip() == IpAddr::V4(CLIENT)), "the server sees the client: {peers:?}");
+    let chained = |ns: &Netns, role: &str| metric(ns, "lb_chain_connections_total", &[role, "\"chained\""]);
+    wait_until("the upstream counts its connections", WAIT, || chained(&u, "upstream") == 2 * OBJECTS as u64);
+    assert_eq!(chained(&d, "downstream"), 2 * OBJECTS as u64);
+    assert_eq!(metric(&d, "lb_chain_connections_total", &["\"failed\""]), 0, "{}", down.log());
+    assert_eq!(metric(&u, "lb_chain_connections_total", &["\"failed\""]), 0, "{}", up.log());
+    assert!(metric(&d, "lb_chain_dictionary_bytes", &[]) >= total);
+    down.terminate();
+    up.terminate();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
