@@ -73,6 +73,12 @@ impl Savings {
     }
 }
 
+impl crate::chain::SavingsSink for Savings {
+    fn record(&self, client: SocketAddr, server: SocketAddr, bytes_saved: u64) {
+        Savings::record(self, Instant::now(), client, server, bytes_saved);
+    }
+}
+
 /// Shared handle used by the proxy role (it records) and the advertiser (it reads).
 pub type SharedSavings = Arc<Savings>;
 

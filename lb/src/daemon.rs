@@ -62,9 +62,35 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         _ => None,
     };
     // Dropped on any exit (error included): removes the proxy's rules.
+    // An upstream proxy's dictionaries are what the affinity engines steer by: it records
+    // their savings per client/server pair and advertises them (DICT_STATS).
+    let savings = match &config.proxy {
+        Some(p) if p.role == crate::config::ProxyRole::Upstream => {
+            let a = config.affinity.engine_config();
+            let savings = std::sync::Arc::new(crate::affinity::Savings::new(
+                a.granularity,
+                a.half_life,
+                a.max_pairs,
+                crate::affinity::Savings::epoch_now(),
+            ));
+            if config.cluster.version < cluster_proto::wire::VERSION_2 {
+                tracing::warn!("proxy role upstream on cluster.version 1: dictionary statistics are not advertised");
+            }
+            tokio::spawn(crate::affinity::advertise(
+                mesh.clone(),
+                savings.clone(),
+                steering.as_ref().and_then(|st| st.affinity().cloned()),
+                Duration::from_millis(config.affinity.advertise_ms),
+                stop_rx.clone(),
+            ));
+            Some(savings)
+        }
+        _ => None,
+    };
     let (_proxy_rules, proxy_task) = match &config.proxy {
         Some(p) => {
-            let (rules, task) = start_proxy(p, config.node.address, stop_rx.clone(), &metrics).await?;
+            let sink = savings.map(|s| s as std::sync::Arc<dyn crate::chain::SavingsSink>);
+            let (rules, task) = start_proxy(p, config.node.address, sink, stop_rx.clone(), &metrics).await?;
             (Some(rules), Some(task))
         }
         None => (None, None),
@@ -102,9 +128,12 @@ impl Drop for InstalledRules {
     }
 }
 
-/// The chain role of `[proxy]`, if any. The savings hook is not wired yet (`None`): the
-/// affinity engine will pass its ledger here.
-fn chain_config(p: &crate::config::ProxySection, node: std::net::IpAddr) -> Option<crate::chain::ChainConfig> {
+/// The chain role of `[proxy]`, if any; an upstream reports its savings to `savings`.
+fn chain_config(
+    p: &crate::config::ProxySection,
+    node: std::net::IpAddr,
+    savings: Option<std::sync::Arc<dyn crate::chain::SavingsSink>>,
+) -> Option<crate::chain::ChainConfig> {
     use crate::chain::Role;
     use crate::config::ProxyRole;
     let role = match p.role {
@@ -121,7 +150,7 @@ fn chain_config(p: &crate::config::ProxySection, node: std::net::IpAddr) -> Opti
         dictionary_dir: p.dictionary_dir.clone(),
         id: p.chain_id.clone().unwrap_or_else(|| node.to_string()),
         zstd: p.zstd,
-        savings: None,
+        savings,
     })
 }
 
@@ -130,6 +159,7 @@ fn chain_config(p: &crate::config::ProxySection, node: std::net::IpAddr) -> Opti
 async fn start_proxy(
     p: &crate::config::ProxySection,
     node: std::net::IpAddr,
+    savings: Option<std::sync::Arc<dyn crate::chain::SavingsSink>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> anyhow::Result<(InstalledRules, tokio::task::JoinHandle<()>)> {
@@ -139,7 +169,7 @@ async fn start_proxy(
         connect_timeout: Duration::from_millis(p.connect_timeout_ms),
         idle_timeout: Duration::from_millis(p.idle_timeout_ms),
         max_connections: p.max_connections,
-        chain: chain_config(p, node),
+        chain: chain_config(p, node, savings),
     })
     .await
     .with_context(|| format!("cannot listen on proxy.listen {} (IP_TRANSPARENT needs root)", p.listen))?;

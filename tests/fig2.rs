@@ -1,0 +1,442 @@
+//! Paper Fig. 2 in real network namespaces: a client behind a spoofing downstream proxy D
+//! downloads objects through two load-balancing members L1 and L2, which hand each new
+//! connection to one of three upstream proxy members U1-U3; D and the upstreams keep parallel
+//! dictionaries (the chained WAN-optimization codec). The server's replies to the spoofed
+//! client addresses come back through L2, which is never the owner, and reach the owning
+//! upstream in IP-in-IP.
+//!
+//! ```text
+//!   client C ---- D (downstream, spoofs C) ----+------ core LAN 198.18.0.0/24 (bridge) ------+
+//!   192.0.2.10      .2                         |        |        |       |       |           |
+//!   198.51.100.10                             L1 .11   L2 .12   U1 .21  U2 .22  U3 .23   S .80
+//!                                                                                 (203.0.113.80, .81)
+//!   D -> 203.0.113.80 via L1, -> 203.0.113.81 via L2 (route MTU 1480 for the IP-in-IP hop)
+//!   U* -> servers direct; U* -> client networks via D (the chained connection's replies)
+//!   S  -> client networks via L2 (asymmetric return; L2 forwards to the owning upstream)
+//! ```
+//!
+//! With the affinity policy, repeat downloads cost at most 5% of the object bytes between D and
+//! the upstreams; with a 5-tuple hash (the comparison policy) they cost far more, because each
+//! connection lands on an upstream whose dictionary may not hold the object. Removing an
+//! upstream mid-run moves its pairs, and the downloads go on.
+//!
+//! Every namespace, veth and process is this test's own, removed on success and failure.
+
+mod common;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::wait_until;
+use handoff::netns::{veth, Netns};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+const OBJECT: usize = 128 * 1024;
+const OBJECTS: u32 = 4;
+const SERVERS: [&str; 2] = ["203.0.113.80", "203.0.113.81"];
+const CLIENTS: [&str; 2] = ["192.0.2.10", "198.51.100.10"];
+const D: &str = "198.18.0.2";
+const L: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
+const U: [&str; 3] = ["198.18.0.21", "198.18.0.22", "198.18.0.23"];
+const ADMIN: &str = "127.0.0.1:9741";
+
+/// The bytes of object `id` that `server` serves to `client` (each site has its own objects,
+/// e.g. its mailboxes): pseudo-random, so only a dictionary that saw them can shrink them.
+fn object(server: IpAddr, client: IpAddr, id: u32) -> Vec<u8> {
+    let bits = |a: IpAddr| match a {
+        IpAddr::V4(a) => u64::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a) as u64,
+    };
+    dictionary_affinity::sample::Rng(bits(server) << 32 ^ bits(client) << 8 ^ u64::from(id)).bytes(OBJECT)
+}
+
+struct Topology {
+    _sw: Netns,
+    c: Netns,
+    d: Netns,
+    l: Vec<Netns>,
+    u: Vec<Netns>,
+    s: Netns,
+    dir: PathBuf,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn topology() -> Topology {
+    let sw = Netns::new("f2sw").unwrap();
+    let c = Netns::new("f2c").unwrap();
+    let d = Netns::new("f2d").unwrap();
+    let l: Vec<Netns> = (1..=2).map(|i| Netns::new(&format!("f2l{i}")).unwrap()).collect();
+    let u: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("f2u{i}")).unwrap()).collect();
+    let s = Netns::new("f2s").unwrap();
+    sw.sh("ip link add br0 type bridge && ip link set br0 up").unwrap();
+    let mut core = vec![(&d, "pd", D)];
+    for (i, ns) in l.iter().enumerate() {
+        core.push((ns, ["pl1", "pl2"][i], L[i]));
+    }
+    for (i, ns) in u.iter().enumerate() {
+        core.push((ns, ["pu1", "pu2", "pu3"][i], U[i]));
+    }
+    core.push((&s, "ps", "198.18.0.80"));
+    for (ns, port, a) in &core {
+        veth(ns, "core", &sw, port).unwrap();
+        sw.sh(&format!("ip link set {port} master br0")).unwrap();
+        ns.sh(&format!("ip addr add {a}/24 dev core")).unwrap();
+    }
+    veth(&c, "c0", &d, "d0").unwrap();
+    c.sh(
+        "ip addr add 192.0.2.10/24 dev c0 && ip addr add 198.51.100.10/24 dev c0 && ip route add default via 192.0.2.1",
+    )
+    .unwrap();
+    d.sh("ip addr add 192.0.2.1/24 dev d0 && ip addr add 198.51.100.1/24 dev d0").unwrap();
+    // D reaches one server through each load-balancing member; the route MTU leaves room for
+    // the outer header the member adds (the upstream's SYN-ACK, which clamps nothing, goes
+    // straight to D).
+    d.sh(&format!(
+        "ip route add {}/32 via {} mtu 1480 && ip route add {}/32 via {} mtu 1480",
+        SERVERS[0], L[0], SERVERS[1], L[1]
+    ))
+    .unwrap();
+    for ns in l.iter().chain(&u) {
+        ns.sh(&format!(
+            "ip route add 203.0.113.0/24 via 198.18.0.80 && ip route add 192.0.2.0/24 via {D} && \
+             ip route add 198.51.100.0/24 via {D}"
+        ))
+        .unwrap();
+    }
+    s.sh(&format!(
+        "ip addr add {}/32 dev lo && ip addr add {}/32 dev lo && ip route add 192.0.2.0/24 via {} && \
+         ip route add 198.51.100.0/24 via {}",
+        SERVERS[0], SERVERS[1], L[1], L[1]
+    ))
+    .unwrap();
+    for ns in [&d].into_iter().chain(&l).chain(&u) {
+        ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+    }
+    // What crosses between D and the upstreams, counted by the kernel (both directions).
+    d.sh("iptables -A OUTPUT -o core -p tcp --dport 80 -m comment --comment fig2-up && \
+         iptables -A INPUT -i core -p tcp --sport 80 -m comment --comment fig2-down")
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("lb-fig2-{}", c.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Topology { _sw: sw, c, d, l, u, s, dir }
+}
+
+/// `lb run` inside a namespace; killed on drop.
+struct Member {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Member {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM (PEER_LEAVE), and wait (bounded) for the exit.
+    fn terminate(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "lb did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn cluster_section(me: &str) -> String {
+    let members: Vec<String> = L.iter().chain(&U).map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[node]\naddress = \"{me}\"\n\n[cluster]\nport = 7400\nversion = 2\nkeepalive_ms = 200\nplaintext = true\n\
+         members = [{}]\n\n[admin]\nlisten = \"{ADMIN}\"\n",
+        members.join(", ")
+    )
+}
+
+const DATAPLANE: &str = "[dataplane]\nqueue = 3\nintercept_tcp_ports = [80]\nhold_ms = 1500\nmtu = 1500\n\
+                         linger_ms = 50\nembryonic_ms = 3000\nhalf_closed_ms = 3000\n";
+
+impl Topology {
+    fn start(&self, ns: &Netns, name: &str, config: String) -> Member {
+        let cfg = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = self.dir.join(format!("{name}.log"));
+        let child = ns
+            .spawn(
+                Command::new(LB)
+                    .args(["run", "--config"])
+                    .arg(&cfg)
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap()),
+            )
+            .unwrap();
+        let m = Member { child, log };
+        let admin: SocketAddr = ADMIN.parse().unwrap();
+        let t0 = Instant::now();
+        while !ns.run(|| lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200)) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{name} not ready:\n{}", m.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn downstream(&self) -> Member {
+        let config = format!(
+            "[node]\naddress = \"{D}\"\n\n[cluster]\nport = 7400\nplaintext = true\nmembers = [\"{D}\"]\n\n\
+             [admin]\nlisten = \"{ADMIN}\"\n\n[proxy]\nlisten = \"0.0.0.0:8080\"\nspoof = true\n\
+             intercept_tcp_ports = [80]\nrole = \"downstream\"\nchain_ports = [80]\n"
+        );
+        self.start(&self.d, "d", config)
+    }
+
+    fn upstream(&self, i: usize, name: &str) -> Member {
+        let config = format!(
+            "{}\n{DATAPLANE}\n[proxy]\nlisten = \"0.0.0.0:8080\"\nspoof = true\nintercept_tcp_ports = [80]\n\
+             role = \"upstream\"\n\n[affinity]\nadvertise_ms = 200\nload_slack = 8\n",
+            cluster_section(U[i])
+        );
+        self.start(&self.u[i], name, config)
+    }
+
+    fn balancer(&self, i: usize, policy: &str, name: &str) -> Member {
+        let owners: Vec<String> = U.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            "{}\n{DATAPLANE}policy = \"{policy}\"\nowners = [{}]\n\n[affinity]\nadvertise_ms = 200\nload_slack = 8\n",
+            cluster_section(L[i]),
+            owners.join(", ")
+        );
+        self.start(&self.l[i], name, config)
+    }
+
+    /// Bytes between D and the upstreams since the last call (IP packets, both directions).
+    fn wire_bytes(&self) -> u64 {
+        let out = self.d.sh("iptables -L -v -x -n -Z | grep fig2- | awk '{s += $2} END {print s + 0}'").unwrap();
+        out.trim().parse().unwrap()
+    }
+}
+
+fn get(ns: &Netns, path: &str) -> String {
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    ns.run(|| lb::client::request(admin, "GET", path, None).map(|r| r.1).unwrap_or_default())
+}
+
+fn metric(ns: &Netns, name_and_labels: &str) -> u64 {
+    get(ns, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0) as u64
+}
+
+/// The object server: `GET <id>\n` answers the object's bytes and closes. Records who asked.
+struct Server {
+    stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(t: &Topology) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        for server in SERVERS {
+            let listen = SocketAddr::new(server.parse().unwrap(), 80);
+            let l = t.s.run(|| TcpListener::bind(listen).unwrap());
+            l.set_nonblocking(true).unwrap();
+            let (st, pe) = (stop.clone(), peers.clone());
+            threads.push(std::thread::spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, peer)) => {
+                            pe.lock().unwrap().push(peer);
+                            std::thread::spawn(move || {
+                                s.set_nonblocking(false).unwrap();
+                                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                                let mut line = Vec::new();
+                                let mut b = [0u8; 1];
+                                while line.len() < 64 && s.read_exact(&mut b).is_ok() && b[0] != b'\n' {
+                                    line.push(b[0]);
+                                }
+                                let line = String::from_utf8_lossy(&line).to_string();
+                                if let Some(id) = line.strip_prefix("GET ").and_then(|v| v.trim().parse().ok()) {
+                                    let _ = s.write_all(&object(listen.ip(), peer.ip(), id));
+                                }
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            }));
+        }
+        Server { stop, peers, threads }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Downloads object `id` of `server` from client address `client`; checks every byte.
+fn download(t: &Topology, client: &str, server: &str, id: u32) -> Result<(), String> {
+    let to = SocketAddr::new(server.parse().unwrap(), 80);
+    let from = SocketAddr::new(client.parse().unwrap(), 0);
+    t.c.run(|| {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&from.into()).map_err(|e| format!("bind {from}: {e}"))?;
+        sock.connect_timeout(&to.into(), Duration::from_secs(5)).map_err(|e| format!("connect {to}: {e}"))?;
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET {id}\n").as_bytes()).map_err(|e| format!("write: {e}"))?;
+        let mut got = Vec::with_capacity(OBJECT);
+        s.read_to_end(&mut got).map_err(|e| format!("read after {} bytes: {e}", got.len()))?;
+        if got != object(to.ip(), from.ip(), id) {
+            return Err(format!("{client} -> {server} object {id}: {} bytes, not the object's", got.len()));
+        }
+        Ok(())
+    })
+}
+
+/// One round: every client site downloads every object of every server once. Returns the
+/// object bytes and the bytes that crossed between D and the upstreams.
+fn round(t: &Topology, logs: &dyn Fn() -> String, mut between: impl FnMut(usize)) -> (u64, u64) {
+    t.wire_bytes();
+    let mut n = 0;
+    for id in 0..OBJECTS {
+        for client in CLIENTS {
+            for server in SERVERS {
+                download(t, client, server, id).unwrap_or_else(|e| panic!("download failed: {e}\n{}", logs()));
+                n += 1;
+                between(n);
+            }
+        }
+    }
+    (n as u64 * OBJECT as u64, t.wire_bytes())
+}
+
+struct Farm {
+    d: Member,
+    l: Vec<Member>,
+    u: Vec<Option<Member>>,
+}
+
+impl Farm {
+    fn start(t: &Topology, policy: &str, tag: &str) -> Farm {
+        let u = (0..3).map(|i| Some(t.upstream(i, &format!("u{}-{tag}", i + 1)))).collect();
+        let l = (0..2).map(|i| t.balancer(i, policy, &format!("l{}-{tag}", i + 1))).collect();
+        let d = t.downstream();
+        wait_until("the cluster's channels", Duration::from_secs(15), || {
+            t.l.iter().all(|ns| metric(ns, "lb_peers{state=\"established\"}") == 4)
+        });
+        Farm { d, l, u }
+    }
+
+    /// Reads every member's log (a closure that does not borrow the farm).
+    fn logs(&self) -> impl Fn() -> String {
+        let mut paths = vec![("D".to_string(), self.d.log.clone())];
+        paths.extend(self.l.iter().enumerate().map(|(i, m)| (format!("L{}", i + 1), m.log.clone())));
+        paths.extend(
+            self.u.iter().enumerate().filter_map(|(i, m)| Some((format!("U{}", i + 1), m.as_ref()?.log.clone()))),
+        );
+        move || {
+            paths.iter().map(|(n, p)| format!("--- {n}:\n{}", std::fs::read_to_string(p).unwrap_or_default())).collect()
+        }
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    100.0 * part as f64 / whole as f64
+}
+
+#[test]
+fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving() {
+    let t = topology();
+    let server = Server::start(&t);
+
+    // The comparison policy: a 5-tuple hash scatters each pair's connections over the upstreams.
+    let farm = Farm::start(&t, "rendezvous", "hash");
+    let logs = farm.logs();
+    let (objects, first) = round(&t, &logs, |_| {});
+    assert!(first > objects / 2, "a first round cannot be saved: {first} of {objects} bytes");
+    let (o2, w2) = round(&t, &logs, |_| {});
+    let (o3, w3) = round(&t, &logs, |_| {});
+    let hash_repeat = percent(w2 + w3, o2 + o3);
+    eprintln!(
+        "5-tuple hash: first round {:.1}%, repeats {hash_repeat:.1}% of the object bytes",
+        percent(first, objects)
+    );
+    drop(farm);
+
+    // Affinity, with fresh dictionaries everywhere (new processes, nothing persisted).
+    let mut farm = Farm::start(&t, "affinity", "aff");
+    let logs = farm.logs();
+    let (objects, first) = round(&t, &logs, |_| {});
+    let (o2, w2) = round(&t, &logs, |_| {});
+    let (o3, w3) = round(&t, &logs, |_| {});
+    let affinity_repeat = percent(w2 + w3, o2 + o3);
+    eprintln!(
+        "affinity: first round {:.1}%, repeats {affinity_repeat:.1}% of the object bytes",
+        percent(first, objects)
+    );
+    assert!(affinity_repeat <= 5.0, "affinity: repeats cost {affinity_repeat:.1}% of the object bytes\n{}", logs());
+    assert!(
+        hash_repeat > 4.0 * affinity_repeat && hash_repeat > 15.0,
+        "the 5-tuple hash should cost much more: {hash_repeat:.1}% vs {affinity_repeat:.1}%"
+    );
+
+    // The balancers chose by dictionary (statistics advertised in DICT_STATS over version 2).
+    let decided_by_dictionary =
+        |ns: &Netns| metric(ns, "lb_owner_decisions_total{policy=\"affinity\",reason=\"affinity\"}");
+    assert!(
+        decided_by_dictionary(&t.l[0]) > 0 && decided_by_dictionary(&t.l[1]) > 0,
+        "both balancers use the advertised dictionaries\n{}\n{}",
+        get(&t.l[0], "/metrics"),
+        get(&t.l[1], "/metrics")
+    );
+    let flows = get(&t.l[0], "/flows?explain=true&limit=0");
+    assert!(flows.contains("bytes saved (decayed"), "GET /flows explains the choice: {flows}");
+    // The server's replies came back through L2, which owns nothing, and went on to the owner.
+    assert!(metric(&t.l[1], "lb_dataplane_packets_total{outcome=\"encapsulated\"}") > 0);
+    assert!(server.peers.lock().unwrap().iter().all(|p| CLIENTS.contains(&p.ip().to_string().as_str())));
+
+    // Remove the busiest upstream in the middle of a round: its pairs move, downloads go on.
+    let owned: Vec<u64> = t.u.iter().map(|ns| metric(ns, "lb_proxy_connections_total{outcome=\"accepted\"}")).collect();
+    let busiest = (0..3).max_by_key(|&i| owned[i]).unwrap();
+    let (_, _) = round(&t, &logs, |n| {
+        if n == 4 {
+            farm.u[busiest].as_mut().unwrap().terminate();
+        }
+    });
+    farm.u[busiest] = None;
+    // The next round still meets cold objects (those of the moved pairs fetched before the
+    // removal); the one after is back to dictionary hits.
+    round(&t, &logs, |_| {});
+    let (o6, w6) = round(&t, &logs, |_| {});
+    let settled = percent(w6, o6);
+    eprintln!("after U{} left: {settled:.1}% of the object bytes once the moved pairs warmed up", busiest + 1);
+    assert!(settled <= 5.0, "moved pairs warm up again on their new upstream: {settled:.1}%\n{}", logs());
+    let flows = get(&t.l[0], "/flows?limit=0");
+    assert!(!flows.contains(&format!("\"owner\":\"{}\"", U[busiest])), "no flow left on the removed upstream: {flows}");
+}
