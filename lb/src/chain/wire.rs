@@ -240,4 +240,70 @@ mod tests {
         r.push(&[9]);
         assert!(r.next_record().is_err());
     }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn record() -> impl Strategy<Value = Record> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 1..600).prop_map(Record::Data),
+                Just(Record::End),
+                Just(Record::Done),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn hello_round_trips(flags in 0u8..2, budget in any::<u64>(), id in "[ -~]{1,255}", cut in any::<prop::sample::Index>()) {
+                let h = Hello { flags, budget, id };
+                let mut b = Vec::new();
+                h.emit(&mut b);
+                let len = b.len();
+                prop_assert_eq!(Hello::parse(&b).unwrap(), Some((h, len)));
+                // Any prefix is incomplete, never an error.
+                prop_assert_eq!(Hello::parse(&b[..cut.index(len)]).unwrap(), None);
+            }
+
+            #[test]
+            fn records_round_trip_whatever_the_reads(recs in proptest::collection::vec(record(), 0..20), step in 1usize..700) {
+                let mut wire = Vec::new();
+                for r in &recs {
+                    match r {
+                        Record::Data(d) => put_data(&mut wire, d),
+                        Record::End => wire.push(REC_END),
+                        Record::Done => wire.push(REC_DONE),
+                    }
+                }
+                let mut rx = Records::default();
+                let mut got = Vec::new();
+                for piece in wire.chunks(step) {
+                    rx.push(piece);
+                    while let Some(r) = rx.next_record().unwrap() {
+                        got.push(r);
+                    }
+                }
+                prop_assert_eq!(got, recs);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..64), step in 1usize..16) {
+                let _ = Hello::parse(&b);
+                if let Some(&m) = b.first() {
+                    let _ = Mode::from_byte(m);
+                }
+                let mut rx = Records::default();
+                'feed: for piece in b.chunks(step) {
+                    rx.push(piece);
+                    loop {
+                        match rx.next_record() {
+                            Ok(Some(_)) => {}
+                            Ok(None) => break,
+                            Err(_) => break 'feed,
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
