@@ -16,98 +16,29 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::lbproc::{metric_with as metric, LbProcess, ADMIN};
 use common::wait_until;
 use dictionary_affinity::sample::Rng;
 use handoff::netns::{veth, Netns};
 
-const LB: &str = env!("CARGO_BIN_EXE_lb");
 const WAIT: Duration = Duration::from_secs(10);
 const OBJECTS: usize = 8;
 const OBJECT: usize = 128 * 1024;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), 80);
-const ADMIN: &str = "127.0.0.1:9741";
 
-struct Lb {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Lb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Lb {
-    /// A one-member "cluster" (a chained proxy need not be a cluster member) with a proxy role.
-    fn start(ns: &Netns, dir: &std::path::Path, name: &str, me: &str, proxy: &str) -> Lb {
-        let config = format!(
-            "[node]\naddress = \"{me}\"\n\n[cluster]\nplaintext = true\nmembers = [\"{me}\"]\n\n\
+/// A one-member "cluster" (a chained proxy need not be a cluster member) with a proxy role.
+fn start_lb(ns: &Netns, dir: &std::path::Path, name: &str, me: &str, proxy: &str) -> LbProcess {
+    let config = format!(
+        "[node]\naddress = \"{me}\"\n\n[cluster]\nplaintext = true\nmembers = [\"{me}\"]\n\n\
              [admin]\nlisten = \"{ADMIN}\"\n\n[proxy]\nlisten = \"0.0.0.0:8080\"\nspoof = true\n\
              intercept_tcp_ports = [80]\ndictionary_budget_mb = 16\n{proxy}"
-        );
-        let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, config).unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = ns
-            .spawn(
-                Command::new(LB)
-                    .args(["run", "--config"])
-                    .arg(&cfg)
-                    .env("RUST_LOG", "info")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&log).unwrap()),
-            )
-            .unwrap();
-        let lb = Lb { child, log };
-        let admin: SocketAddr = ADMIN.parse().unwrap();
-        let t0 = Instant::now();
-        while !ns.run(|| lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200)) {
-            assert!(t0.elapsed() < WAIT, "{name} not ready:\n{}", lb.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        lb
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, and a bounded wait for a clean exit.
-    fn terminate(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "lb exits 0 on SIGTERM: {status:?}\n{}", self.log());
-                return;
-            }
-            assert!(t0.elapsed() < WAIT, "lb did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// The value of the first line of metric `name` that contains every label.
-fn metric(ns: &Netns, name: &str, labels: &[&str]) -> u64 {
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    let text = ns.run(|| lb::client::request(admin, "GET", "/metrics", None).map(|r| r.1).unwrap_or_default());
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name).is_some_and(|r| r.starts_with(['{', ' '])) && labels.iter().all(|x| l.contains(x))
-        })
-        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .unwrap_or(0.0) as u64
+    );
+    LbProcess::start(ns, dir, name, &config)
 }
 
 /// Bytes counted by the first rule of `chain` in the filter table.
@@ -226,8 +157,8 @@ fn chained_proxies_carry_repeats_as_references_and_servers_see_the_client() {
     let mut rng = Rng(0xc4a1);
     let objects: Arc<Vec<Vec<u8>>> = Arc::new((0..OBJECTS).map(|_| rng.bytes(OBJECT)).collect());
     let server = Server::start(&s, objects.clone());
-    let mut up = Lb::start(&u, &dir, "up", "198.51.100.2", "role = \"upstream\"\n");
-    let mut down = Lb::start(&d, &dir, "down", "198.51.100.1", "role = \"downstream\"\nchain_ports = [80]\n");
+    let mut up = start_lb(&u, &dir, "up", "198.51.100.2", "role = \"upstream\"\n");
+    let mut down = start_lb(&d, &dir, "down", "198.51.100.1", "role = \"downstream\"\nchain_ports = [80]\n");
 
     let total = (OBJECTS * OBJECT) as u64;
     let wire = |d: &Netns| metric(d, "lb_chain_bytes_total", &["to_downstream", "\"wire\""]);

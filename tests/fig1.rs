@@ -19,15 +19,14 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::lbproc::{metric, LbProcess as Member};
 use common::wait_until;
 use handoff::netns::{veth, Netns};
 
-const LB: &str = env!("CARGO_BIN_EXE_lb");
 const PAYLOAD: usize = 1 << 20;
 
 struct Fam {
@@ -135,19 +134,6 @@ fn topology(f: &'static Fam) -> Topology {
     Topology { f, c, a, s, b, dir }
 }
 
-/// `lb run` inside a namespace; killed on drop.
-struct Member {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Topology {
     fn config(&self, me: &str, proxy: bool, delay_ms: u64) -> String {
         let f = self.f;
@@ -166,55 +152,8 @@ impl Topology {
     }
 
     fn start(&self, ns: &Netns, name: &str, config: String) -> Member {
-        let cfg = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, config).unwrap();
-        let log = self.dir.join(format!("{name}.log"));
-        let child = ns
-            .spawn(
-                Command::new(LB)
-                    .args(["run", "--config"])
-                    .arg(&cfg)
-                    .env("RUST_LOG", "info")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&log).unwrap()),
-            )
-            .unwrap();
-        let m = Member { child, log };
-        let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
-        wait_until(&format!("{name} ready"), Duration::from_secs(10), || {
-            ns.run(|| lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200))
-        });
-        m
+        Member::start(ns, &self.dir, name, &config)
     }
-}
-
-impl Member {
-    /// SIGTERM, and wait (bounded) for a clean exit.
-    fn terminate(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "lb exits 0 on SIGTERM: {status:?}\n{}", self.log());
-                return;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(10), "lb did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn metric(ns: &Netns, name_and_labels: &str) -> u64 {
-    let admin: SocketAddr = "127.0.0.1:9741".parse().unwrap();
-    let text = ns.run(|| lb::client::request(admin, "GET", "/metrics", None).map(|r| r.1).unwrap_or_default());
-    text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
-        as u64
 }
 
 /// The server: echoes exactly PAYLOAD bytes per connection and records each peer address.

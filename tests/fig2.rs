@@ -26,15 +26,14 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::lbproc::{admin_get as get, metric, LbProcess as Member, ADMIN};
 use common::wait_until;
 use handoff::netns::{veth, Netns};
 
-const LB: &str = env!("CARGO_BIN_EXE_lb");
 const OBJECT: usize = 128 * 1024;
 const OBJECTS: u32 = 4;
 const SERVERS: [&str; 2] = ["203.0.113.80", "203.0.113.81"];
@@ -42,7 +41,6 @@ const CLIENTS: [&str; 2] = ["192.0.2.10", "198.51.100.10"];
 const D: &str = "198.18.0.2";
 const L: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
 const U: [&str; 3] = ["198.18.0.21", "198.18.0.22", "198.18.0.23"];
-const ADMIN: &str = "127.0.0.1:9741";
 
 /// The bytes of object `id` that `server` serves to `client` (each site has its own objects,
 /// e.g. its mailboxes): pseudo-random, so only a dictionary that saw them can shrink them.
@@ -130,36 +128,6 @@ fn topology() -> Topology {
     Topology { _sw: sw, c, d, l, u, s, dir }
 }
 
-/// `lb run` inside a namespace; killed on drop.
-struct Member {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Member {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM (PEER_LEAVE), and wait (bounded) for the exit.
-    fn terminate(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "lb did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 fn cluster_section(me: &str) -> String {
     let members: Vec<String> = L.iter().chain(&U).map(|a| format!("\"{a}\"")).collect();
     format!(
@@ -174,28 +142,7 @@ const DATAPLANE: &str = "[dataplane]\nqueue = 3\nintercept_tcp_ports = [80]\nhol
 
 impl Topology {
     fn start(&self, ns: &Netns, name: &str, config: String) -> Member {
-        let cfg = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, config).unwrap();
-        let log = self.dir.join(format!("{name}.log"));
-        let child = ns
-            .spawn(
-                Command::new(LB)
-                    .args(["run", "--config"])
-                    .arg(&cfg)
-                    .env("RUST_LOG", "info")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&log).unwrap()),
-            )
-            .unwrap();
-        let m = Member { child, log };
-        let admin: SocketAddr = ADMIN.parse().unwrap();
-        let t0 = Instant::now();
-        while !ns.run(|| lb::client::request(admin, "GET", "/ready", None).is_ok_and(|r| r.0 == 200)) {
-            assert!(t0.elapsed() < Duration::from_secs(10), "{name} not ready:\n{}", m.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
+        Member::start(ns, &self.dir, name, &config)
     }
 
     fn downstream(&self) -> Member {
@@ -231,18 +178,6 @@ impl Topology {
         let out = self.d.sh("iptables -L -v -x -n -Z | grep fig2- | awk '{s += $2} END {print s + 0}'").unwrap();
         out.trim().parse().unwrap()
     }
-}
-
-fn get(ns: &Netns, path: &str) -> String {
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    ns.run(|| lb::client::request(admin, "GET", path, None).map(|r| r.1).unwrap_or_default())
-}
-
-fn metric(ns: &Netns, name_and_labels: &str) -> u64 {
-    get(ns, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse::<f64>().ok()))
-        .unwrap_or(0.0) as u64
 }
 
 /// The object server: `GET <id>\n` answers the object's bytes and closes. Records who asked.
@@ -355,10 +290,13 @@ impl Farm {
 
     /// Reads every member's log (a closure that does not borrow the farm).
     fn logs(&self) -> impl Fn() -> String {
-        let mut paths = vec![("D".to_string(), self.d.log.clone())];
-        paths.extend(self.l.iter().enumerate().map(|(i, m)| (format!("L{}", i + 1), m.log.clone())));
+        let mut paths = vec![("D".to_string(), self.d.log_path().to_path_buf())];
+        paths.extend(self.l.iter().enumerate().map(|(i, m)| (format!("L{}", i + 1), m.log_path().to_path_buf())));
         paths.extend(
-            self.u.iter().enumerate().filter_map(|(i, m)| Some((format!("U{}", i + 1), m.as_ref()?.log.clone()))),
+            self.u
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| Some((format!("U{}", i + 1), m.as_ref()?.log_path().to_path_buf()))),
         );
         move || {
             paths.iter().map(|(n, p)| format!("--- {n}:\n{}", std::fs::read_to_string(p).unwrap_or_default())).collect()

@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+pub mod lbproc;
+
 /// A port free on 127.0.0.1 right now, used as the listen port on several 127.0.0.x.
 ///
 /// Taken below the kernel's ephemeral range (32768-60999), so that the source ports of
