@@ -97,7 +97,8 @@ pub fn apply_advertisements(mesh: &Mesh, engine: Arc<AffinityEngine>) {
 }
 
 /// Advertises this member's changed pairs every `every` (all of them when the membership
-/// changed, so that a member that just joined learns them, and every [`FULL_EVERY`]), and
+/// changed, so that a member that just joined learns them, after a peer's full queue dropped
+/// an advertisement, and every [`FULL_EVERY`]), and
 /// feeds them to this member's own engine too, as peers see them. Ends when `stop` turns true.
 pub async fn advertise(
     mesh: Mesh,
@@ -132,8 +133,13 @@ pub async fn advertise(
         if let Some(e) = &engine {
             e.observe(now, &stats);
         }
+        let dropped = mesh.advertisement_stats().dropped;
         if let Err(e) = mesh.advertise(&encode_advertisement(&stats, &[])) {
             tracing::warn!(error = %e, "cannot advertise dictionary statistics");
+        }
+        if mesh.advertisement_stats().dropped > dropped {
+            // A busy peer missed these changes: everything again at the next tick.
+            generation = u64::MAX;
         }
     }
 }

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use dicts::{Dictionaries, PairStores};
+use dicts::{Checkout, Dictionaries, PairStores};
 use wire::{Hello, Mode, Record, Records, FLAG_AVAILABLE, HELLO_MAGIC, REC_DONE, REC_END};
 
 /// Input bytes read per call (the encoder cuts chunks across reads).
@@ -206,8 +206,13 @@ pub enum ChainError {
 pub enum Outcome {
     /// Ran the codec both ways.
     Chained,
-    /// Relayed untouched.
-    Plain,
+    /// Relayed untouched: bytes relayed towards the server and towards the client.
+    Plain {
+        /// Client to server.
+        to_server: u64,
+        /// Server to client.
+        to_client: u64,
+    },
     /// Closed by the idle timeout.
     Idle,
 }
@@ -227,11 +232,19 @@ struct ConnBytes {
     up_wire: AtomicU64,
     down_plain: AtomicU64,
     down_wire: AtomicU64,
+    /// The connection runs on the pair's own dictionaries (MODE persistent): only then are
+    /// its savings the dictionary's, worth advertising.
+    persistent: std::sync::atomic::AtomicBool,
 }
 
 impl ConnBytes {
     fn total(&self) -> u64 {
         [&self.up_plain, &self.up_wire, &self.down_plain, &self.down_wire].iter().map(|a| a.load(Relaxed)).sum()
+    }
+
+    /// How a plain relay ended: its bytes each way (client to server is "up").
+    fn plain_outcome(&self) -> Outcome {
+        Outcome::Plain { to_server: self.up_plain.load(Relaxed), to_client: self.down_plain.load(Relaxed) }
     }
 
     /// Plain minus wire bytes, both directions (negative while the dictionary fills).
@@ -252,6 +265,9 @@ impl Meter<'_> {
         self.1.fetch_add(n as u64, Relaxed);
     }
 }
+
+/// Control messages waiting for the encoding side, at most (see `decode_pump`).
+const MAX_PENDING_CONTROL: usize = 1024;
 
 /// What a decoder asks its side's encoder to do.
 #[derive(Debug)]
@@ -316,7 +332,8 @@ impl Chain {
 
     /// Upstream: runs one intercepted connection `client` (from `client_addr`) whose original
     /// destination `server_addr` is already connected as `server`; chained if it starts with a
-    /// HELLO, else relayed untouched. `plain_bytes` (to server, to client) count plain relays.
+    /// HELLO, else relayed untouched. With a savings sink, a connection on the pair's own
+    /// dictionaries reports what they saved (plain minus wire bytes), every second and at the end.
     pub async fn upstream<C, S>(
         &self,
         client: &mut C,
@@ -336,6 +353,9 @@ impl Chain {
             Some(sink) => {
                 let mut reported = 0u64;
                 let mut report = || {
+                    if !conn.persistent.load(Relaxed) {
+                        return;
+                    }
                     let saved = conn.saved();
                     if saved > reported as i64 {
                         sink.record(client_addr, server_addr, saved as u64 - reported);
@@ -362,7 +382,7 @@ impl Chain {
         let s = &self.stats;
         match r {
             Ok(Outcome::Chained) => s.chained.fetch_add(1, Relaxed),
-            Ok(Outcome::Plain) => s.plain.fetch_add(1, Relaxed),
+            Ok(Outcome::Plain { .. }) => s.plain.fetch_add(1, Relaxed),
             Ok(Outcome::Idle) => 0,
             Err(e) => {
                 if matches!(e, ChainError::Decode(_) | ChainError::Repair(_) | ChainError::Protocol(_)) {
@@ -409,10 +429,10 @@ impl Chain {
         tracing::debug!(peer = %peer.id, ?mode, "chained to an upstream");
         let Some(stores) = stores else {
             client.write_all(&rest).await?;
-            plain_relay(client, up, conn).await?;
-            return Ok(Outcome::Plain);
+            plain_relay(client, up, &conn.up_plain, &conn.down_plain).await?;
+            return Ok(conn.plain_outcome());
         };
-        let mut session = self.session(&peer.id, stores, Role::Downstream)?;
+        let mut session = self.session(&peer.id, stores.map(Checkout::take), Role::Downstream)?;
         let (enc, dec) = session.parts();
         let (to_up, to_down) = (
             Pipe {
@@ -446,8 +466,8 @@ impl Chain {
                     client.write_all(&server_bytes).await?;
                     conn.up_plain.fetch_add(client_bytes.len() as u64, Relaxed);
                     conn.down_plain.fetch_add(server_bytes.len() as u64, Relaxed);
-                    plain_relay(server, client, conn).await?;
-                    return Ok(Outcome::Plain);
+                    plain_relay(server, client, &conn.down_plain, &conn.up_plain).await?;
+                    return Ok(conn.plain_outcome());
                 }
                 Detection::Chained { hello, rest, server_first } => (hello, rest, server_first),
             };
@@ -476,19 +496,18 @@ impl Chain {
             (Mode::Raw, _) => {
                 server.write_all(&rest).await?;
                 client.write_all(&server_first).await?;
-                plain_relay(server, client, conn).await?;
-                return Ok(Outcome::Plain);
+                plain_relay(server, client, &conn.down_plain, &conn.up_plain).await?;
+                return Ok(conn.plain_outcome());
             }
-            (Mode::Persistent, Some(stores)) => Some(stores),
+            (Mode::Persistent, Some(stores)) => {
+                conn.persistent.store(true, Relaxed);
+                Some(stores.take())
+            }
             (Mode::Persistent, None) => {
                 return Err(ChainError::Protocol("persistent MODE without the pair's dictionaries"))
             }
-            (Mode::Ephemeral, checkout) => {
-                if let Some(stores) = checkout {
-                    self.dicts.checkin(&hello.id, stores, false);
-                }
-                None
-            }
+            // Dropping the checkout gives the pair's dictionaries back unused.
+            (Mode::Ephemeral, _) => None,
         };
         let mut session = self.session(&hello.id, stores, Role::Upstream)?;
         let (enc, dec) = session.parts();
@@ -588,7 +607,7 @@ where
 {
     let (pr, pw) = tokio::io::split(plain);
     let (wr, ww) = tokio::io::split(wire);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(MAX_PENDING_CONTROL);
     let encode = encode_pump(pr, ww, plain_prefix, enc, rx, out_dir);
     let decode = decode_pump(wr, pw, wire_prefix, dec, tx, in_dir);
     // try_join: a failure either way ends the other at once.
@@ -620,7 +639,7 @@ async fn encode_pump(
     mut output: impl AsyncWrite + Unpin,
     prefix: Vec<u8>,
     enc: &mut Encoder,
-    mut ctrl: mpsc::UnboundedReceiver<Ctrl>,
+    mut ctrl: mpsc::Receiver<Ctrl>,
     pipe: Pipe<'_>,
 ) -> Result<(), ChainError> {
     let mut buf = vec![0u8; READ_BUF];
@@ -685,9 +704,19 @@ async fn decode_pump(
     mut output: impl AsyncWrite + Unpin,
     prefix: Vec<u8>,
     dec: &mut Decoder,
-    ctrl: mpsc::UnboundedSender<Ctrl>,
+    ctrl: mpsc::Sender<Ctrl>,
     pipe: Pipe<'_>,
 ) -> Result<(), ChainError> {
+    // Bounded: a peer that sends NACKs and never reads our answers must not grow the queue.
+    // A decoder waits for the REPAIR of the chunk it NACKed before it goes on, so a healthy
+    // peer has one or two pending; more than MAX_PENDING_CONTROL is abuse. (A closed
+    // receiver means the encoding side has finished: nothing to tell it any more.)
+    let control = |c: Ctrl| match ctrl.try_send(c) {
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(ChainError::Protocol("too many NACKs pending: the peer does not read our stream"))
+        }
+        _ => Ok(()),
+    };
     let mut records = Records::default();
     records.push(&prefix);
     let mut buf = vec![0u8; READ_BUF];
@@ -703,7 +732,7 @@ async fn decode_pump(
                             Event::SendNack(n) => Ctrl::SendNack(n),
                             Event::NackReceived(n) => Ctrl::HandleNack(n),
                         };
-                        let _ = ctrl.send(c);
+                        control(c)?;
                     }
                     // Whatever was decoded before an error is an exact prefix: deliver it.
                     if !out.is_empty() {
@@ -715,15 +744,13 @@ async fn decode_pump(
                 }
                 Record::End if end => return Err(ChainError::Protocol("a second END")),
                 Record::End => end = true,
-                Record::Done => {
-                    let _ = ctrl.send(Ctrl::PeerDone);
-                }
+                Record::Done => control(Ctrl::PeerDone)?,
             }
             if end && !finished && dec.blocked_on().is_none() {
                 dec.finish()?;
                 output.shutdown().await?;
                 finished = true;
-                let _ = ctrl.send(Ctrl::Done);
+                control(Ctrl::Done)?;
             }
         }
         let n = input.read(&mut buf).await?;
@@ -812,7 +839,8 @@ where
 }
 
 /// Copies both ways untouched, passing each EOF on as a half-close.
-async fn plain_relay<A, B>(a: &mut A, b: &mut B, conn: &ConnBytes) -> io::Result<()>
+/// Relays `a` and `b` both ways untouched; `a_to_b` and `b_to_a` count the bytes.
+async fn plain_relay<A, B>(a: &mut A, b: &mut B, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -830,7 +858,7 @@ where
     }
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    tokio::try_join!(copy(ar, bw, &conn.up_plain), copy(br, aw, &conn.down_plain)).map(|_| ())
+    tokio::try_join!(copy(ar, bw, a_to_b), copy(br, aw, b_to_a)).map(|_| ())
 }
 
 /// Runs `f` unless no byte moved for `idle` (zero: never idle).

@@ -36,7 +36,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             crate::affinity::apply_advertisements(&mesh, engine.clone());
             if config.cluster.version < cluster_proto::wire::VERSION_2 {
                 tracing::warn!(
-                    "policy affinity on cluster.version 1: no dictionary statistics (DICT_STATS needs version 2);                      choosing by rendezvous on the client/server pair within the load bound"
+                    "policy affinity on cluster.version 1: no dictionary statistics (DICT_STATS needs version 2); \
+                     choosing by rendezvous on the client/server pair within the load bound"
                 );
             }
         }

@@ -143,13 +143,17 @@ impl Proxy {
         let saving = chain.as_ref().filter(|c| c.config().dictionary_dir.is_some()).cloned();
         let mut save_tick =
             tokio::time::interval_at(Instant::now() + crate::chain::SAVE_EVERY, crate::chain::SAVE_EVERY);
+        let mut periodic_save: Option<tokio::task::JoinHandle<usize>> = None;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = save_tick.tick(), if saving.is_some() => {
-                    let c = saving.clone().expect("guarded");
-                    tokio::task::spawn_blocking(move || c.save());
+                    // One save at a time: two would write the same temporary files.
+                    if periodic_save.as_ref().is_none_or(|h| h.is_finished()) {
+                        let c = saving.clone().expect("guarded");
+                        periodic_save = Some(tokio::task::spawn_blocking(move || c.save()));
+                    }
                 }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = done {
@@ -190,6 +194,9 @@ impl Proxy {
         }
         // Aborted connections give their dictionaries back as they drop, then they are saved.
         tasks.shutdown().await;
+        if let Some(h) = periodic_save {
+            let _ = h.await;
+        }
         if let Some(c) = saving {
             let saved = tokio::task::spawn_blocking(move || c.save()).await.unwrap_or(0);
             info!(pairs = saved, "pair dictionaries saved");
@@ -231,6 +238,12 @@ async fn serve_connection(
             Ok(Outcome::Idle) => {
                 stats.idle_timeouts.fetch_add(1, Relaxed);
                 debug!(%peer, %dst, "chained connection idle, closed");
+            }
+            Ok(Outcome::Plain { to_server, to_client }) => {
+                // Not chained: relayed untouched, counted as the plain proxy counts.
+                stats.bytes_to_server.fetch_add(to_server, Relaxed);
+                stats.bytes_to_client.fetch_add(to_client, Relaxed);
+                debug!(%peer, %dst, "connection relayed plain by the chain role");
             }
             Ok(outcome) => debug!(%peer, %dst, ?outcome, "chain connection closed"),
             Err(e) => {

@@ -569,6 +569,11 @@ impl Inner {
             Role::Initiator => self.me < peer,
             Role::Acceptor => peer < self.me,
         };
+        if role == Role::Acceptor && version >= wire::VERSION_2 {
+            // The peer dialed us offering version 2: it speaks it now (it was upgraded). Known
+            // before the tie-break, which may refuse this channel for one we dialed at 1.
+            self.dial_version[peer.0 as usize].store(0, Ordering::Relaxed);
+        }
         let mut slot = self.slot(peer);
         if let Some(cur) = &slot.current {
             if cur.lower_initiated && !lower_initiated {
@@ -580,10 +585,6 @@ impl Inner {
             tracing::info!(peer = %self.addr(peer), purged, "control channel superseded by a new one");
         }
         slot.current = Some(Current { channel, version, lower_initiated, role, close: close.clone() });
-        if role == Role::Acceptor && version >= wire::VERSION_2 {
-            // The peer dialed us offering version 2: it speaks it now (it was upgraded).
-            self.dial_version[peer.0 as usize].store(0, Ordering::Relaxed);
-        }
         self.membership.fetch_add(1, Ordering::AcqRel);
         slot.connect_failures = 0;
         slot.set_state(PeerState::Synchronize);

@@ -30,6 +30,31 @@ impl PairStores {
     }
 }
 
+/// A pair's dictionaries checked out for one connection. Dropped before [`Checkout::take`]
+/// (the handshake failed, the peer went away, the connection runs on throwaway dictionaries),
+/// it gives them back unchanged, so no exit path can lose a pair's dictionaries.
+#[derive(Debug)]
+pub struct Checkout<'a> {
+    dicts: &'a Dictionaries,
+    peer: String,
+    stores: Option<PairStores>,
+}
+
+impl Checkout<'_> {
+    /// The dictionaries, for a codec session that checks them in itself when it ends.
+    pub fn take(mut self) -> PairStores {
+        self.stores.take().expect("taken only once")
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(stores) = self.stores.take() {
+            self.dicts.checkin(&self.peer, stores, false);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Slot {
     /// `None` while a connection has it checked out.
@@ -88,14 +113,14 @@ impl Dictionaries {
 
     /// [`Dictionaries::checkout`], waiting up to `wait` for a busy pair: the previous
     /// connection of a pair often still closes on one side when the next one starts.
-    pub async fn checkout_wait(&self, peer: &str, wait: std::time::Duration) -> Option<PairStores> {
+    pub async fn checkout_wait(&self, peer: &str, wait: std::time::Duration) -> Option<Checkout<'_>> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             if let Some(s) = self.checkout(peer) {
-                return Some(s);
+                return Some(Checkout { dicts: self, peer: peer.to_string(), stores: Some(s) });
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 return None;

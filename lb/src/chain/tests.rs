@@ -359,3 +359,71 @@ async fn saved_dictionaries_give_savings_after_a_restart() {
     assert_eq!(rig.down.stats.resets.load(Relaxed) + rig.up.stats.resets.load(Relaxed), 0);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_cut_short_gives_the_pair_dictionaries_back() {
+    let objects = objects();
+    let server = object_server(objects.clone(), None).await;
+    let up = Chain::new(config(Role::Upstream, "up-h", None, None));
+    let u = role(up.clone(), server).await;
+    // A HELLO claiming to be downstream "down-h", then gone before the MODE byte: the
+    // upstream had checked the pair out for it.
+    let mut hello = Vec::new();
+    wire::Hello { flags: 0, budget: 16 << 20, id: "down-h".into() }.emit(&mut hello);
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(u).await.unwrap();
+        c.write_all(&hello).await.unwrap();
+        let mut answer = vec![0u8; wire::HELLO_FIXED];
+        c.read_exact(&mut answer).await.unwrap();
+        drop(c);
+    }
+    // The real downstream of that name still gets the pair's own dictionaries.
+    let down = Chain::new(config(Role::Downstream, "down-h", None, None));
+    let entry = role(down.clone(), u).await;
+    tokio::time::timeout(WAIT, async {
+        while up.stats.failed.load(Relaxed) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the three cut handshakes end");
+    for i in 0..2 {
+        assert!(fetch(entry, i).await == objects[i]);
+    }
+    assert_eq!(up.stats.ephemeral.load(Relaxed), 0, "no connection fell back to throwaway dictionaries");
+    assert_eq!(down.stats.ephemeral.load(Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_pair_dictionaries_savings_are_reported() {
+    let objects = objects();
+    let sink = Arc::new(Totals::default());
+    let server = object_server(objects.clone(), None).await;
+    let up = Chain::new(config(Role::Upstream, "up-s", None, Some(sink.clone())));
+    let u = role(up.clone(), server).await;
+    // Plain (not chained) downloads through the upstream: nothing was saved by a dictionary.
+    for i in 0..3 {
+        assert!(fetch(u, i).await == objects[i]);
+    }
+    tokio::time::timeout(WAIT, async {
+        while up.stats.plain.load(Relaxed) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("three plain relays");
+    assert_eq!(sink.total(), 0, "plain relays report no savings");
+    // Chained repeats do.
+    let down = Chain::new(config(Role::Downstream, "down-s", None, None));
+    let entry = role(down.clone(), u).await;
+    for _ in 0..2 {
+        assert!(fetch(entry, 0).await == objects[0]);
+    }
+    tokio::time::timeout(WAIT, async {
+        while sink.total() < OBJECT as u64 / 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the repeat's savings are reported");
+}
