@@ -158,6 +158,8 @@ impl Driver {
         let fds = [self.dev.queue.raw_fd(), t4, t41, self.rx.as_raw_fd()];
         let mut last_publish = Instant::now();
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).running = true;
+        // Cleared however the loop ends, a panic included: `running` feeds lb_dataplane_up.
+        let _running = Running(self.stats.clone());
         let result = self.run_loop(
             cp,
             stop,
@@ -170,7 +172,6 @@ impl Driver {
             &mut last_publish,
         );
         self.publish();
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).running = false;
         result
     }
 
@@ -332,5 +333,14 @@ impl Driver {
         s.engine = self.engine.stats();
         s.held = self.engine.held();
         s.io_errors = self.io_errors + self.dev.queue.verdict_errors();
+    }
+}
+
+/// Marks the driver stopped when dropped, also while a panic unwinds the driver thread.
+struct Running(Arc<Mutex<DriverStats>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).running = false;
     }
 }

@@ -139,6 +139,14 @@ fn tun_injects_into_the_stack() {
     let (src6, dst6) = ("2001:db8:6::7".parse().unwrap(), "2001:db8:5::1".parse().unwrap());
     tun.write(&udp6(src6, 1234, dst6, 9999, b"decapsulated v6")).expect("write v6");
     assert_eq!(recv(&sock6), (b"decapsulated v6".to_vec(), "[2001:db8:6::7]:1234".parse().unwrap()));
+
+    // Gone with the device (dropped in its namespace): the namespace's settings as they were.
+    {
+        let _inside = ns.enter().expect("enter netns");
+        drop(tun);
+    }
+    let after = ns.sh("cd /proc/sys/net/ipv4/conf && cat all/rp_filter lo/rp_filter default/rp_filter").unwrap();
+    assert_eq!(after.split_whitespace().collect::<Vec<_>>(), ["1", "0", "0"], "rp_filter restored");
 }
 
 #[test]

@@ -21,6 +21,46 @@ use super::raw::poll_readable;
 pub struct Tun {
     file: File,
     name: String,
+    /// What [`Tun::configure`] changed outside the device, undone when the device goes.
+    rp_filter: std::sync::Mutex<Option<RpFilterChange>>,
+}
+
+/// The namespace-wide reverse-path settings [`Tun::configure`] moved, to put back.
+#[derive(Debug)]
+struct RpFilterChange {
+    /// The network namespace they belong to (inode of `/proc/thread-self/ns/net`).
+    netns: u64,
+    /// `conf/all/rp_filter` before.
+    all: u32,
+    /// Interfaces (and `default`) whose own value was raised to `all`, with their old value.
+    raised: Vec<(std::path::PathBuf, u32)>,
+}
+
+fn current_netns() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+impl Drop for Tun {
+    fn drop(&mut self) {
+        let Some(change) = self.rp_filter.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        // /proc/sys/net shows the calling thread's namespace: never write another one's.
+        if current_netns().ok() != Some(change.netns) {
+            tracing::warn!(tun = %self.name, "not in the TUN device's network namespace: conf/all/rp_filter left at 0");
+            return;
+        }
+        let conf = "/proc/sys/net/ipv4/conf";
+        // Strict again first, then each interface back to its own value.
+        if let Err(e) = write_sysctl(&format!("{conf}/all/rp_filter"), change.all) {
+            tracing::warn!(error = %e, "cannot restore conf/all/rp_filter");
+            return;
+        }
+        for (path, old) in change.raised {
+            // An interface that went away meanwhile has nothing to restore.
+            let _ = write_sysctl(&path.to_string_lossy(), old);
+        }
+        tracing::info!(tun = %self.name, all = change.all, "conf/all/rp_filter restored");
+    }
 }
 
 impl Tun {
@@ -56,7 +96,7 @@ impl Tun {
             return Err(io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")));
         }
         let name = ifr.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
-        Ok(Tun { file, name })
+        Ok(Tun { file, name, rp_filter: std::sync::Mutex::new(None) })
     }
 
     /// The interface's name as the kernel gave it.
@@ -70,7 +110,8 @@ impl Tun {
     /// opened in. The kernel filters with the larger of `conf/all/rp_filter` and the
     /// interface's own value, so when `all` is stricter than 0 this lowers `all` to 0 after
     /// raising every other interface's own value (and `default`) to the old `all`: the other
-    /// interfaces keep filtering exactly as before and only this one stops.
+    /// interfaces keep filtering exactly as before and only this one stops. Dropping the
+    /// device puts `all` and the raised values back (when dropped in the same namespace).
     pub fn configure(&self) -> io::Result<()> {
         set_up(&self.name)?;
         let conf = "/proc/sys/net/ipv4/conf";
@@ -80,6 +121,7 @@ impl Tun {
         if all == 0 {
             return Ok(());
         }
+        let mut change = RpFilterChange { netns: current_netns()?, all, raised: Vec::new() };
         for entry in fs::read_dir(conf)? {
             let entry = entry?;
             let ifname = entry.file_name();
@@ -88,13 +130,18 @@ impl Tun {
             }
             let path = entry.path().join("rp_filter");
             match read_sysctl(&path.to_string_lossy()) {
-                Ok(own) if own < all => write_sysctl(&path.to_string_lossy(), all)?,
+                Ok(own) if own < all => {
+                    write_sysctl(&path.to_string_lossy(), all)?;
+                    change.raised.push((path, own));
+                }
                 Ok(_) => {}
                 // The interface disappeared while we walked the directory.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
+        // From here on, dropping the device puts everything back.
+        *self.rp_filter.lock().unwrap_or_else(|e| e.into_inner()) = Some(change);
         write_sysctl(&format!("{conf}/all/rp_filter"), 0)?;
         tracing::info!(tun = %self.name, old_all = all, "moved conf/all/rp_filter onto each interface so the TUN device can be exempt");
         Ok(())
