@@ -36,23 +36,104 @@ use handoff::netns::{veth, Netns};
 
 const OBJECT: usize = 128 * 1024;
 const OBJECTS: u32 = 4;
-const SERVERS: [&str; 2] = ["203.0.113.80", "203.0.113.81"];
-const CLIENTS: [&str; 2] = ["192.0.2.10", "198.51.100.10"];
-const D: &str = "198.18.0.2";
-const L: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
-const U: [&str; 3] = ["198.18.0.21", "198.18.0.22", "198.18.0.23"];
+
+/// One address family's plan of the topology above.
+struct Fam {
+    v6: bool,
+    /// The two server addresses (on the server's loopback).
+    servers: [&'static str; 2],
+    /// The server addresses' network (routed to S by the members).
+    server_net: &'static str,
+    /// The two client sites' addresses (both on the client's link) and networks.
+    clients: [&'static str; 2],
+    client_nets: [&'static str; 2],
+    /// D's address in each client network.
+    client_gw: [&'static str; 2],
+    /// Core LAN addresses of D, the balancers, the upstreams and S, and its prefix length.
+    d: &'static str,
+    l: [&'static str; 2],
+    u: [&'static str; 3],
+    s: &'static str,
+    core_prefix: u8,
+    client_prefix: u8,
+}
+
+const V4: Fam = Fam {
+    v6: false,
+    servers: ["203.0.113.80", "203.0.113.81"],
+    server_net: "203.0.113.0/24",
+    clients: ["192.0.2.10", "198.51.100.10"],
+    client_nets: ["192.0.2.0/24", "198.51.100.0/24"],
+    client_gw: ["192.0.2.1", "198.51.100.1"],
+    d: "198.18.0.2",
+    l: ["198.18.0.11", "198.18.0.12"],
+    u: ["198.18.0.21", "198.18.0.22", "198.18.0.23"],
+    s: "198.18.0.80",
+    core_prefix: 24,
+    client_prefix: 24,
+};
+
+const V6: Fam = Fam {
+    v6: true,
+    servers: ["2001:db8:5::80", "2001:db8:5::81"],
+    server_net: "2001:db8:5::/64",
+    clients: ["2001:db8:c1::10", "2001:db8:c2::10"],
+    client_nets: ["2001:db8:c1::/64", "2001:db8:c2::/64"],
+    client_gw: ["2001:db8:c1::1", "2001:db8:c2::1"],
+    d: "2001:db8:ff::2",
+    l: ["2001:db8:ff::11", "2001:db8:ff::12"],
+    u: ["2001:db8:ff::21", "2001:db8:ff::22", "2001:db8:ff::23"],
+    s: "2001:db8:ff::80",
+    core_prefix: 64,
+    client_prefix: 64,
+};
+
+impl Fam {
+    fn ip(&self) -> &'static str {
+        if self.v6 {
+            "ip -6"
+        } else {
+            "ip -4"
+        }
+    }
+    fn iptables(&self) -> &'static str {
+        if self.v6 {
+            "ip6tables"
+        } else {
+            "iptables"
+        }
+    }
+    fn host(&self) -> u8 {
+        if self.v6 {
+            128
+        } else {
+            32
+        }
+    }
+    fn nodad(&self) -> &'static str {
+        if self.v6 {
+            " nodad"
+        } else {
+            ""
+        }
+    }
+}
 
 /// The bytes of object `id` that `server` serves to `client` (each site has its own objects,
 /// e.g. its mailboxes): pseudo-random, so only a dictionary that saw them can shrink them.
 fn object(server: IpAddr, client: IpAddr, id: u32) -> Vec<u8> {
     let bits = |a: IpAddr| match a {
         IpAddr::V4(a) => u64::from(u32::from(a)),
-        IpAddr::V6(a) => u128::from(a) as u64,
+        IpAddr::V6(a) => {
+            let x = u128::from(a);
+            (x >> 64) as u64 ^ x as u64
+        }
     };
     dictionary_affinity::sample::Rng(bits(server) << 32 ^ bits(client) << 8 ^ u64::from(id)).bytes(OBJECT)
 }
 
 struct Topology {
+    f: &'static Fam,
     _sw: Netns,
     c: Netns,
     d: Netns,
@@ -68,68 +149,67 @@ impl Drop for Topology {
     }
 }
 
-fn topology() -> Topology {
+fn topology(f: &'static Fam) -> Topology {
     let sw = Netns::new("f2sw").unwrap();
     let c = Netns::new("f2c").unwrap();
     let d = Netns::new("f2d").unwrap();
     let l: Vec<Netns> = (1..=2).map(|i| Netns::new(&format!("f2l{i}")).unwrap()).collect();
     let u: Vec<Netns> = (1..=3).map(|i| Netns::new(&format!("f2u{i}")).unwrap()).collect();
     let s = Netns::new("f2s").unwrap();
+    let (ip, nodad) = (f.ip(), f.nodad());
     sw.sh("ip link add br0 type bridge && ip link set br0 up").unwrap();
-    let mut core = vec![(&d, "pd", D)];
+    let mut core = vec![(&d, "pd", f.d)];
     for (i, ns) in l.iter().enumerate() {
-        core.push((ns, ["pl1", "pl2"][i], L[i]));
+        core.push((ns, ["pl1", "pl2"][i], f.l[i]));
     }
     for (i, ns) in u.iter().enumerate() {
-        core.push((ns, ["pu1", "pu2", "pu3"][i], U[i]));
+        core.push((ns, ["pu1", "pu2", "pu3"][i], f.u[i]));
     }
-    core.push((&s, "ps", "198.18.0.80"));
+    core.push((&s, "ps", f.s));
     for (ns, port, a) in &core {
         veth(ns, "core", &sw, port).unwrap();
         sw.sh(&format!("ip link set {port} master br0")).unwrap();
-        ns.sh(&format!("ip addr add {a}/24 dev core")).unwrap();
+        ns.sh(&format!("ip addr add {a}/{} dev core{nodad}", f.core_prefix)).unwrap();
     }
     veth(&c, "c0", &d, "d0").unwrap();
-    c.sh(
-        "ip addr add 192.0.2.10/24 dev c0 && ip addr add 198.51.100.10/24 dev c0 && ip route add default via 192.0.2.1",
-    )
-    .unwrap();
-    d.sh("ip addr add 192.0.2.1/24 dev d0 && ip addr add 198.51.100.1/24 dev d0").unwrap();
-    // D reaches one server through each load-balancing member; the route MTU leaves room for
-    // the outer header the member adds (the upstream's SYN-ACK, which clamps nothing, goes
-    // straight to D).
-    d.sh(&format!(
-        "ip route add {}/32 via {} mtu 1480 && ip route add {}/32 via {} mtu 1480",
-        SERVERS[0], L[0], SERVERS[1], L[1]
-    ))
-    .unwrap();
-    for ns in l.iter().chain(&u) {
-        ns.sh(&format!(
-            "ip route add 203.0.113.0/24 via 198.18.0.80 && ip route add 192.0.2.0/24 via {D} && \
-             ip route add 198.51.100.0/24 via {D}"
-        ))
-        .unwrap();
+    for i in 0..2 {
+        c.sh(&format!("ip addr add {}/{} dev c0{nodad}", f.clients[i], f.client_prefix)).unwrap();
+        d.sh(&format!("ip addr add {}/{} dev d0{nodad}", f.client_gw[i], f.client_prefix)).unwrap();
     }
-    s.sh(&format!(
-        "ip addr add {}/32 dev lo && ip addr add {}/32 dev lo && ip route add 192.0.2.0/24 via {} && \
-         ip route add 198.51.100.0/24 via {}",
-        SERVERS[0], SERVERS[1], L[1], L[1]
-    ))
-    .unwrap();
+    c.sh(&format!("{ip} route add default via {}", f.client_gw[0])).unwrap();
+    // D reaches one server through each load-balancing member; the route MTU leaves room for
+    // the outer header the member adds (the upstream's SYN-ACK, which that member never
+    // sees, goes straight to D).
+    for i in 0..2 {
+        d.sh(&format!("{ip} route add {}/{} via {} mtu 1440", f.servers[i], f.host(), f.l[i])).unwrap();
+    }
+    for ns in l.iter().chain(&u) {
+        ns.sh(&format!("{ip} route add {} via {}", f.server_net, f.s)).unwrap();
+        for net in f.client_nets {
+            ns.sh(&format!("{ip} route add {net} via {}", f.d)).unwrap();
+        }
+    }
+    for i in 0..2 {
+        s.sh(&format!("ip addr add {}/{} dev lo{nodad}", f.servers[i], f.host())).unwrap();
+        s.sh(&format!("{ip} route add {} via {}", f.client_nets[i], f.l[1])).unwrap();
+    }
     for ns in [&d].into_iter().chain(&l).chain(&u) {
-        ns.sh("sysctl -qw net.ipv4.ip_forward=1").unwrap();
+        ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1").unwrap();
     }
     // What crosses between D and the upstreams, counted by the kernel (both directions).
-    d.sh("iptables -A OUTPUT -o core -p tcp --dport 80 -m comment --comment fig2-up && \
-         iptables -A INPUT -i core -p tcp --sport 80 -m comment --comment fig2-down")
-        .unwrap();
+    let ipt = f.iptables();
+    d.sh(&format!(
+        "{ipt} -A OUTPUT -o core -p tcp --dport 80 -m comment --comment fig2-up && \
+         {ipt} -A INPUT -i core -p tcp --sport 80 -m comment --comment fig2-down"
+    ))
+    .unwrap();
     let dir = std::env::temp_dir().join(format!("lb-fig2-{}", c.name()));
     std::fs::create_dir_all(&dir).unwrap();
-    Topology { _sw: sw, c, d, l, u, s, dir }
+    Topology { f, _sw: sw, c, d, l, u, s, dir }
 }
 
-fn cluster_section(me: &str) -> String {
-    let members: Vec<String> = L.iter().chain(&U).map(|a| format!("\"{a}\"")).collect();
+fn cluster_section(f: &Fam, me: &str) -> String {
+    let members: Vec<String> = f.l.iter().chain(&f.u).map(|a| format!("\"{a}\"")).collect();
     format!(
         "[node]\naddress = \"{me}\"\n\n[cluster]\nport = 7400\nversion = 2\nkeepalive_ms = 200\nplaintext = true\n\
          members = [{}]\n\n[admin]\nlisten = \"{ADMIN}\"\n",
@@ -145,10 +225,20 @@ impl Topology {
         Member::start(ns, &self.dir, name, &config)
     }
 
+    /// The proxies' TPROXY listener: `[::]` takes both families and installs rules for both.
+    fn listen(&self) -> &'static str {
+        if self.f.v6 {
+            "[::]:8080"
+        } else {
+            "0.0.0.0:8080"
+        }
+    }
+
     fn downstream(&self) -> Member {
+        let (d, listen) = (self.f.d, self.listen());
         let config = format!(
-            "[node]\naddress = \"{D}\"\n\n[cluster]\nport = 7400\nplaintext = true\nmembers = [\"{D}\"]\n\n\
-             [admin]\nlisten = \"{ADMIN}\"\n\n[proxy]\nlisten = \"0.0.0.0:8080\"\nspoof = true\n\
+            "[node]\naddress = \"{d}\"\n\n[cluster]\nport = 7400\nplaintext = true\nmembers = [\"{d}\"]\n\n\
+             [admin]\nlisten = \"{ADMIN}\"\n\n[proxy]\nlisten = \"{listen}\"\nspoof = true\n\
              intercept_tcp_ports = [80]\nrole = \"downstream\"\nchain_ports = [80]\n"
         );
         self.start(&self.d, "d", config)
@@ -156,18 +246,19 @@ impl Topology {
 
     fn upstream(&self, i: usize, name: &str) -> Member {
         let config = format!(
-            "{}\n{DATAPLANE}\n[proxy]\nlisten = \"0.0.0.0:8080\"\nspoof = true\nintercept_tcp_ports = [80]\n\
+            "{}\n{DATAPLANE}\n[proxy]\nlisten = \"{}\"\nspoof = true\nintercept_tcp_ports = [80]\n\
              role = \"upstream\"\n\n[affinity]\nadvertise_ms = 200\nload_slack = 8\n",
-            cluster_section(U[i])
+            cluster_section(self.f, self.f.u[i]),
+            self.listen()
         );
         self.start(&self.u[i], name, config)
     }
 
     fn balancer(&self, i: usize, policy: &str, name: &str) -> Member {
-        let owners: Vec<String> = U.iter().map(|a| format!("\"{a}\"")).collect();
+        let owners: Vec<String> = self.f.u.iter().map(|a| format!("\"{a}\"")).collect();
         let config = format!(
             "{}\n{DATAPLANE}policy = \"{policy}\"\nowners = [{}]\n\n[affinity]\nadvertise_ms = 200\nload_slack = 8\n",
-            cluster_section(L[i]),
+            cluster_section(self.f, self.f.l[i]),
             owners.join(", ")
         );
         self.start(&self.l[i], name, config)
@@ -175,7 +266,9 @@ impl Topology {
 
     /// Bytes between D and the upstreams since the last call (IP packets, both directions).
     fn wire_bytes(&self) -> u64 {
-        let out = self.d.sh("iptables -L -v -x -n -Z | grep fig2- | awk '{s += $2} END {print s + 0}'").unwrap();
+        let ipt = self.f.iptables();
+        let out =
+            self.d.sh(&format!("{ipt} -L -v -x -n -Z | grep fig2- | awk '{{s += $2}} END {{print s + 0}}'")).unwrap();
         out.trim().parse().unwrap()
     }
 }
@@ -192,7 +285,7 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
-        for server in SERVERS {
+        for server in t.f.servers {
             let listen = SocketAddr::new(server.parse().unwrap(), 80);
             let l = t.s.run(|| TcpListener::bind(listen).unwrap());
             l.set_nonblocking(true).unwrap();
@@ -239,7 +332,7 @@ fn download(t: &Topology, client: &str, server: &str, id: u32) -> Result<(), Str
     let to = SocketAddr::new(server.parse().unwrap(), 80);
     let from = SocketAddr::new(client.parse().unwrap(), 0);
     t.c.run(|| {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let sock = socket2::Socket::new(socket2::Domain::for_address(from), socket2::Type::STREAM, None).unwrap();
         sock.bind(&from.into()).map_err(|e| format!("bind {from}: {e}"))?;
         sock.connect_timeout(&to.into(), Duration::from_secs(5)).map_err(|e| format!("connect {to}: {e}"))?;
         let mut s: TcpStream = sock.into();
@@ -260,8 +353,8 @@ fn round(t: &Topology, logs: &dyn Fn() -> String, mut between: impl FnMut(usize)
     t.wire_bytes();
     let mut n = 0;
     for id in 0..OBJECTS {
-        for client in CLIENTS {
-            for server in SERVERS {
+        for client in t.f.clients {
+            for server in t.f.servers {
                 download(t, client, server, id).unwrap_or_else(|e| panic!("download failed: {e}\n{}", logs()));
                 n += 1;
                 between(n);
@@ -308,9 +401,8 @@ fn percent(part: u64, whole: u64) -> f64 {
     100.0 * part as f64 / whole as f64
 }
 
-#[test]
-fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving() {
-    let t = topology();
+fn run_fig2(f: &'static Fam) {
+    let t = topology(f);
     let server = Server::start(&t);
 
     // The comparison policy: a 5-tuple hash scatters each pair's connections over the upstreams.
@@ -357,12 +449,13 @@ fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving()
     assert!(flows.contains("bytes saved (decayed"), "GET /flows explains the choice: {flows}");
     // The server's replies came back through L2, which owns nothing, and went on to the owner.
     assert!(metric(&t.l[1], "lb_dataplane_packets_total{outcome=\"encapsulated\"}") > 0);
-    assert!(server.peers.lock().unwrap().iter().all(|p| CLIENTS.contains(&p.ip().to_string().as_str())));
+    let clients: Vec<IpAddr> = f.clients.iter().map(|c| c.parse().unwrap()).collect();
+    assert!(server.peers.lock().unwrap().iter().all(|p| clients.contains(&p.ip())), "the server sees the clients");
 
     // Remove the busiest upstream in the middle of a round: its pairs move, downloads go on.
     let owned: Vec<u64> = t.u.iter().map(|ns| metric(ns, "lb_proxy_connections_total{outcome=\"accepted\"}")).collect();
     let busiest = (0..3).max_by_key(|&i| owned[i]).unwrap();
-    let (_, _) = round(&t, &logs, |n| {
+    let (o4, w4) = round(&t, &logs, |n| {
         if n == 4 {
             farm.u[busiest].as_mut().unwrap().terminate();
         }
@@ -370,11 +463,29 @@ fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving()
     farm.u[busiest] = None;
     // The next round still meets cold objects (those of the moved pairs fetched before the
     // removal); the one after is back to dictionary hits.
-    round(&t, &logs, |_| {});
+    let (o5, w5) = round(&t, &logs, |_| {});
     let (o6, w6) = round(&t, &logs, |_| {});
     let settled = percent(w6, o6);
-    eprintln!("after U{} left: {settled:.1}% of the object bytes once the moved pairs warmed up", busiest + 1);
+    eprintln!(
+        "U{} left mid-round: that round {:.1}%, the next {:.1}%, then {settled:.1}% of the object bytes",
+        busiest + 1,
+        percent(w4, o4),
+        percent(w5, o5)
+    );
     assert!(settled <= 5.0, "moved pairs warm up again on their new upstream: {settled:.1}%\n{}", logs());
     let flows = get(&t.l[0], "/flows?limit=0");
-    assert!(!flows.contains(&format!("\"owner\":\"{}\"", U[busiest])), "no flow left on the removed upstream: {flows}");
+    assert!(
+        !flows.contains(&format!("\"owner\":\"{}\"", f.u[busiest])),
+        "no flow left on the removed upstream: {flows}"
+    );
+}
+
+#[test]
+fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving_ipv4() {
+    run_fig2(&V4);
+}
+
+#[test]
+fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving_ipv6() {
+    run_fig2(&V6);
 }
