@@ -181,19 +181,26 @@ pub fn install(d: &Dataplane) -> anyhow::Result<()> {
         }
     }
     if d.fast_path {
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("cannot run nft (install nftables, or set dataplane.fast_path = false)")?;
-        use std::io::Write;
-        child.stdin.take().expect("piped").write_all(fast_path_table(d).as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
+        if let Err(e) = apply_fast_path_table(d) {
             remove();
-            bail!("nft refused the fast path's table: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return Err(e);
         }
+    }
+    Ok(())
+}
+
+fn apply_fast_path_table(d: &Dataplane) -> anyhow::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run nft (install nftables, or set dataplane.fast_path = false)")?;
+    use std::io::Write;
+    child.stdin.take().expect("piped").write_all(fast_path_table(d).as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft refused the fast path's table: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
