@@ -6,9 +6,11 @@
 //! (offloads are turned off so both paths see MTU-sized packets, not 64 KB GSO bursts).
 //!
 //! Topology: sender -- member -- receiver, veth links, 198.18.10.0/24 and 198.18.11.0/24.
-//! One TCP stream of 32 MiB crosses the member: plain forwarding, then through NFQUEUE with
-//! the lb engine accepting every packet (each packet is queued, parsed, classified and
-//! given its verdict by user space).
+//! One TCP stream of 32 MiB crosses the member: plain forwarding, then through the rules `lb
+//! run` installs (lb's own generator, `lb::rules`) and the real driver and engine, with the
+//! fast path off (every packet is queued, parsed, classified and given its verdict by user
+//! space) and on (packets of the member's own flows skip user space after their first,
+//! except SYN/FIN/RST and one packet per `fast_path_sample_ms`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -56,6 +58,68 @@ impl ControlPlane for Alone {
     fn remove(&self, c: &Connection) {
         self.local.remove(c);
     }
+}
+
+/// The `[dataplane]` section the member would run with.
+fn dataplane(fast_path: bool) -> lb::config::Dataplane {
+    toml::from_str(&format!("queue = 11\nintercept_tcp_ports = [5001]\nfast_path = {fast_path}\n")).expect("dataplane")
+}
+
+/// Installs what `lb run` would (lb::rules), replacing the previous run's rules.
+fn install_rules(mid: &Netns, fast_path: bool) {
+    let d = dataplane(fast_path);
+    let dir = std::env::temp_dir();
+    let (ipt, nft) = (dir.join("kernel_path.ipt"), dir.join("kernel_path.nft"));
+    std::fs::write(&ipt, lb::rules::ruleset(&d, false)).expect("write");
+    std::fs::write(&nft, lb::rules::fast_path_table(&d)).expect("write");
+    mid.sh(&format!(
+        "iptables -t raw -F; iptables -t raw -X LB-PRE 2>/dev/null; iptables -t raw -X LB-OUT 2>/dev/null; \
+         nft delete table inet lb 2>/dev/null; iptables-restore --noflush < {}; [ ! -s {nft} ] || nft -f {nft}",
+        ipt.display(),
+        nft = nft.display()
+    ))
+    .expect("rules");
+}
+
+/// Starts the real driver in the member's namespace; set the flag to stop it.
+fn start_driver(mid: &Netns, fast_path: bool) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let d = dataplane(fast_path);
+    let mark = if d.fast_path { d.fast_path_mark } else { 0 };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let worker = {
+        let stop = stop.clone();
+        let name = mid.name().to_string();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{name}")).expect("ns file");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd, this thread only.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let tun = Tun::open("lbtun0").expect("tun");
+            tun.configure().expect("tun up");
+            let dev = Devices {
+                queue: NfQueue::open(11).expect("queue"),
+                tunnel: RawTunnel::open("198.18.10.1".parse().expect("addr")).expect("raw"),
+                tun,
+            };
+            let config = EngineConfig {
+                address: "198.18.10.1".parse().expect("addr"),
+                members: vec!["198.18.10.1".parse().expect("addr")],
+                hold_time: Duration::from_millis(200),
+                hold_packets: 1 << 16,
+                hold_bytes: 64 << 20,
+                mtu: Some(1500),
+                track: TrackConfig::default(),
+            };
+            let engine = Engine::new(config, Classifier::new(Box::new(LocalOnly), vec![], Duration::from_millis(200)));
+            let driver = Driver::new(engine, dev).expect("driver").with_fast_path_mark(mark);
+            let cp = Alone { local: ConnectionTable::new(MemberId(0)), db: ConnectionDatabase::new() };
+            started_tx.send(()).expect("started");
+            driver.run(&cp, &stop).expect("driver runs");
+        })
+    };
+    started_rx.recv_timeout(Duration::from_secs(5)).expect("driver up");
+    (stop, worker)
 }
 
 /// Sends BYTES from the sender to the receiver through the member; returns the time taken.
@@ -117,48 +181,20 @@ fn kernel_path(c: &mut Criterion) {
         b.iter_custom(|iters| (0..iters).map(|_| transfer(&snd, &rcv)).sum())
     });
 
-    mid.sh("iptables -t raw -A PREROUTING -p tcp --dport 5001 -j NFQUEUE --queue-num 11 --queue-bypass && \
-            iptables -t raw -A PREROUTING -p tcp --sport 5001 -j NFQUEUE --queue-num 11 --queue-bypass")
-        .expect("rules");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let worker = {
-        let stop = stop.clone();
-        let name = mid.name().to_string();
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(format!("/run/netns/{name}")).expect("ns file");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on a valid namespace fd, this thread only.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let tun = Tun::open("lbtun0").expect("tun");
-            tun.configure().expect("tun up");
-            let dev = Devices {
-                queue: NfQueue::open(11).expect("queue"),
-                tunnel: RawTunnel::open("198.18.10.1".parse().expect("addr")).expect("raw"),
-                tun,
-            };
-            let config = EngineConfig {
-                address: "198.18.10.1".parse().expect("addr"),
-                members: vec!["198.18.10.1".parse().expect("addr")],
-                hold_time: Duration::from_millis(200),
-                hold_packets: 1 << 16,
-                hold_bytes: 64 << 20,
-                mtu: Some(1500),
-                track: TrackConfig::default(),
-            };
-            let engine = Engine::new(config, Classifier::new(Box::new(LocalOnly), vec![], Duration::from_millis(200)));
-            let driver = Driver::new(engine, dev).expect("driver");
-            let cp = Alone { local: ConnectionTable::new(MemberId(0)), db: ConnectionDatabase::new() };
-            started_tx.send(()).expect("started");
-            driver.run(&cp, &stop).expect("driver runs");
-        })
-    };
-    started_rx.recv_timeout(Duration::from_secs(5)).expect("driver up");
-    g.bench_function("through NFQUEUE + lb engine (target >= 50% of plain)", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| transfer(&snd, &rcv)).sum())
-    });
-    stop.store(true, Ordering::Relaxed);
-    worker.join().expect("driver thread");
+    for fast_path in [false, true] {
+        install_rules(&mid, fast_path);
+        let (stop, worker) = start_driver(&mid, fast_path);
+        let name = if fast_path {
+            "lb rules + engine, fast path on (target >= 50% of plain)"
+        } else {
+            "lb rules + engine, fast path off (every packet through NFQUEUE)"
+        };
+        g.bench_function(name, |b| b.iter_custom(|iters| (0..iters).map(|_| transfer(&snd, &rcv)).sum()));
+        stop.store(true, Ordering::Relaxed);
+        worker.join().expect("driver thread");
+        let counters = mid.sh("iptables -t raw -nvxL LB-PRE; nft list table inet lb 2>/dev/null | grep -c . || true");
+        eprintln!("fast_path = {fast_path}: {}", counters.unwrap_or_default());
+    }
     g.finish();
 }
 

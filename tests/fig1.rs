@@ -253,7 +253,8 @@ fn run_fig1(f: &'static Fam) {
     if r.is_ok() {
         let dump =
             t.a.run(|| lb::client::request("127.0.0.1:9741".parse().unwrap(), "GET", "/metrics", None).unwrap().1);
-        let b_state = t.b.sh("ip -s link; ip route; iptables -t raw -S; ss -tan").unwrap_or_default();
+        let b_state =
+            t.b.sh("ip -s link; ip route; iptables -t raw -S; nft list table inet lb; ss -tan").unwrap_or_default();
         panic!(
             "without the cluster the request must fail (asymmetric return); server saw {:?}\nA log:\n{}\nA metrics:\n{}\nB:\n{}",
             server.peers.lock().unwrap(),
@@ -311,15 +312,34 @@ fn run_fig1(f: &'static Fam) {
     // SIGTERM: A removes every rule it installed (data plane chains, TPROXY, policy routing).
     let iptables = if f.v6 { "ip6tables" } else { "iptables" };
     let before =
-        t.a.sh(&format!("{iptables} -t raw -S; {iptables} -t mangle -S; ip {} rule", if f.v6 { "-6" } else { "-4" }))
-            .unwrap();
-    assert!(before.contains("LB-PRE") && before.contains("TPROXY") && before.contains("lookup 100"), "{before}");
+        t.a.sh(&format!(
+            "{iptables} -t raw -S; {iptables} -t mangle -S; ip {} rule; nft list tables",
+            if f.v6 { "-6" } else { "-4" }
+        ))
+        .unwrap();
+    assert!(
+        before.contains("LB-PRE")
+            && before.contains("TPROXY")
+            && before.contains("lookup 100")
+            && before.contains("table inet lb"),
+        "{before}"
+    );
+    // The fast path let packets of A's own connections skip the queue.
+    let fast = t.a.sh(&format!("{iptables} -t raw -nvxL LB-PRE")).unwrap();
+    let skipped = fast.lines().find(|l| l.contains("mark match")).and_then(|l| l.split_whitespace().next());
+    assert!(skipped.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{fast}");
     a.terminate();
     let after =
-        t.a.sh(&format!("{iptables} -t raw -S; {iptables} -t mangle -S; ip {} rule", if f.v6 { "-6" } else { "-4" }))
-            .unwrap();
+        t.a.sh(&format!(
+            "{iptables} -t raw -S; {iptables} -t mangle -S; ip {} rule; nft list tables",
+            if f.v6 { "-6" } else { "-4" }
+        ))
+        .unwrap();
     assert!(
-        !after.contains("LB-") && !after.contains("TPROXY") && !after.contains("lookup 100"),
+        !after.contains("LB-")
+            && !after.contains("TPROXY")
+            && !after.contains("lookup 100")
+            && !after.contains("table inet lb"),
         "left behind:\n{after}"
     );
 }

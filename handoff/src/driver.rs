@@ -105,6 +105,7 @@ pub struct Driver {
     rx: UnixDatagram,
     stats: Arc<Mutex<DriverStats>>,
     io_errors: u64,
+    fast_path_mark: u32,
 }
 
 fn poll(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
@@ -134,7 +135,23 @@ impl Driver {
             holding: Arc::new(AtomicUsize::new(0)),
             tx: Arc::new(tx),
         };
-        Ok(Driver { engine, dev, waker, rx, stats: Arc::new(Mutex::new(DriverStats::default())), io_errors: 0 })
+        Ok(Driver {
+            engine,
+            dev,
+            waker,
+            rx,
+            stats: Arc::new(Mutex::new(DriverStats::default())),
+            io_errors: 0,
+            fast_path_mark: 0,
+        })
+    }
+
+    /// Marks accepted packets of local flows with these mark bits (0, the default: never),
+    /// for the kernel fast path: a later netfilter chain copies them into the conntrack mark,
+    /// and packets whose connection carries them skip the queue (lb's `rules.rs`).
+    pub fn with_fast_path_mark(mut self, bits: u32) -> Driver {
+        self.fast_path_mark = bits;
+        self
     }
 
     /// The handle to give the mesh's install listener.
@@ -303,9 +320,12 @@ impl Driver {
             match o {
                 Output::Install { connection, action } => cp.install(connection, action),
                 Output::Remove { connection } => cp.remove(&connection),
-                Output::Accept { packet, modified } => {
+                Output::Accept { packet, modified, local } => {
                     let v = if modified { NfVerdict::AcceptModified(packet.buf) } else { NfVerdict::Accept };
-                    if self.dev.queue.verdict(packet.queued, v).is_err() {
+                    // Only set, never cleared here: the queueing chain clears the
+                    // connection's bit before it queues a packet.
+                    let mark = (local && self.fast_path_mark != 0).then(|| packet.queued.mark() | self.fast_path_mark);
+                    if self.dev.queue.verdict_with_mark(packet.queued, v, mark).is_err() {
                         self.io_errors += 1;
                     }
                 }

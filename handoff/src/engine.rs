@@ -38,6 +38,10 @@ pub enum Output<T> {
         packet: T,
         /// True when the bytes were rewritten and must be handed back.
         modified: bool,
+        /// True when the packet belongs to one of this member's own flows and was classified
+        /// on arrival (not released from the hold queue): the flow's later packets may skip
+        /// user space (the NFQUEUE backend marks the packet for the kernel fast path).
+        local: bool,
     },
     /// Drop the intercepted packet (it was encapsulated, or is unknown after its hold time).
     Drop {
@@ -181,14 +185,14 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
             Err(_) => {
                 // Not ours to judge: the stack will drop what is really broken.
                 self.stats.malformed += 1;
-                out.push(Output::Accept { packet, modified: false });
+                out.push(Output::Accept { packet, modified: false, local: false });
                 return;
             }
         };
         let d = self.classifier.classify(view, now, &parsed, hook);
         self.count(d.reason);
         let modified = self.clamp(&mut packet, &parsed);
-        self.carry_out(now, view, d, &parsed, packet, modified, out);
+        self.carry_out(now, view, d, &parsed, packet, modified, true, out);
     }
 
     fn count(&mut self, r: Reason) {
@@ -216,19 +220,25 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
         parsed: &Parsed,
         packet: T,
         modified: bool,
+        fresh: bool,
         out: &mut Vec<Output<T>>,
     ) {
         match d.verdict {
             Verdict::Accept => {
-                if let (Parsed::Flow(f), Reason::LocalFlow) = (parsed, d.reason) {
+                let local = if let (Parsed::Flow(f), Reason::LocalFlow) = (parsed, d.reason) {
                     self.tracker.observe(now, f);
-                }
-                out.push(Output::Accept { packet, modified });
+                    fresh
+                } else {
+                    false
+                };
+                out.push(Output::Accept { packet, modified, local });
             }
             Verdict::AcceptLocal { connection, action } => {
                 out.push(Output::Install { connection, action });
                 self.tracker.start(now, connection);
-                out.push(Output::Accept { packet, modified });
+                // NewLocal or NewBypass: either way in the local table from now on, so its later
+                // packets are LocalFlow.
+                out.push(Output::Accept { packet, modified, local: fresh });
             }
             Verdict::Encapsulate { owner } => {
                 self.encapsulate_to(owner, packet.as_ref(), out);
@@ -236,7 +246,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
             }
             Verdict::Hold => {
                 let Parsed::Flow(f) = parsed else {
-                    out.push(Output::Accept { packet, modified });
+                    out.push(Output::Accept { packet, modified, local: false });
                     return;
                 };
                 let len = packet.as_ref().len();
@@ -316,7 +326,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
         let modified = self.clamp(&mut packet, &parsed) || was_modified;
         match d.verdict {
             Verdict::Hold => out.push(Output::Drop { packet }),
-            _ => self.carry_out(now, view, d, &parsed, packet, modified, out),
+            // Released packets are never marked local: the fast path starts from a packet
+            // classified on arrival.
+            _ => self.carry_out(now, view, d, &parsed, packet, modified, false, out),
         }
     }
 

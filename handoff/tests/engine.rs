@@ -87,7 +87,7 @@ fn a_opens(a: &mut Member, now: Instant) -> Connection {
     let out = a.step(now, spoofed_syn(), Hook::Output);
     let Output::Install { connection, action } = out[0] else { panic!("install first: {out:?}") };
     assert_eq!((connection, action), (conn(), Action::Forward));
-    assert!(matches!(out[1], Output::Accept { modified: true, .. }), "MSS clamped: {out:?}");
+    assert!(matches!(out[1], Output::Accept { modified: true, local: true, .. }), "MSS clamped, local: {out:?}");
     a.local.insert(&connection, action);
     connection
 }
@@ -243,7 +243,35 @@ fn a_released_packet_keeps_its_mss_clamp() {
     let mut out = Vec::new();
     b.engine.on_install(now, &view, &conn(), &mut out);
     match out.as_slice() {
-        [Output::Accept { packet, modified: true }] => assert_eq!(packet[42..44], 1440u16.to_be_bytes()),
+        // Released from the hold queue: never marked for the fast path.
+        [Output::Accept { packet, modified: true, local: false }] => {
+            assert_eq!(packet[42..44], 1440u16.to_be_bytes())
+        }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn only_packets_of_local_flows_classified_on_arrival_are_local() {
+    // The fast-path mark: A's own flow is local both ways; at B the same flow is another
+    // member's (encapsulated, never accepted); a malformed packet or a stray ACK is not local.
+    let now = Instant::now();
+    let mut a = Member::new(A);
+    let c = a_opens(&mut a, now);
+    let out = a.step(now, server_syn_ack(), Hook::Prerouting);
+    assert!(matches!(out.as_slice(), [Output::Accept { local: true, .. }]), "{out:?}");
+    let out = a.step(now, vec![0x45, 0, 0], Hook::Prerouting);
+    assert!(matches!(out.as_slice(), [Output::Accept { local: false, .. }]), "{out:?}");
+    let mut b = Member::new(B);
+    b.db.install(&c, A, Action::Forward);
+    let out = b.step(now, server_syn_ack(), Hook::Prerouting);
+    assert!(!out.iter().any(|o| matches!(o, Output::Accept { .. })), "{out:?}");
+    let mut ack = Vec::new();
+    PacketBuilder::ipv4([192, 0, 2, 10], [198, 51, 100, 80], 64)
+        .tcp(40001, 80, 2, 100)
+        .ack(10)
+        .write(&mut ack, &[])
+        .unwrap();
+    let out = b.step(now, ack, Hook::Output);
+    assert!(matches!(out.as_slice(), [Output::Accept { local: false, .. }]), "local output, not in the table: {out:?}");
 }

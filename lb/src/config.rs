@@ -350,6 +350,16 @@ pub struct Dataplane {
     /// them yourself).
     #[serde(default = "default_true")]
     pub manage_rules: bool,
+    /// Later packets of this member's own flows skip user space (conntrack mark), except
+    /// TCP SYN/FIN/RST and one packet per flow every `fast_path_sample_ms`.
+    #[serde(default = "default_true")]
+    pub fast_path: bool,
+    /// The packet and conntrack mark bit(s) the fast path uses; reserved for lb.
+    #[serde(default = "default_fast_path_mark")]
+    pub fast_path_mark: u32,
+    /// A fast-path flow still sends one packet to user space this often (idle timers).
+    #[serde(default = "default_fast_path_sample_ms")]
+    pub fast_path_sample_ms: u64,
 }
 
 /// One bypass rule: `{ net = "203.0.113.0/24", port = 443 }` (port optional).
@@ -546,6 +556,12 @@ fn default_queue_len() -> u32 {
 fn default_true() -> bool {
     true
 }
+fn default_fast_path_mark() -> u32 {
+    0x4000_0000
+}
+fn default_fast_path_sample_ms() -> u64 {
+    1000
+}
 fn default_port() -> u16 {
     DEFAULT_PORT
 }
@@ -644,6 +660,14 @@ impl Config {
                 return Err(invalid("cluster.plaintext", "cannot be true together with a [tls] section"))
             }
             _ => {}
+        }
+        if let (Some(d), Some(p)) = (&c.dataplane, &c.proxy) {
+            if d.fast_path && d.fast_path_mark & p.tproxy_mark != 0 {
+                return Err(invalid(
+                    "dataplane.fast_path_mark",
+                    format!("{:#x} shares bits with proxy.tproxy_mark {:#x}", d.fast_path_mark, p.tproxy_mark),
+                ));
+            }
         }
         if let Some(p) = &c.proxy {
             if p.intercept_tcp_ports.is_empty() || p.intercept_tcp_ports.contains(&0) {
@@ -869,6 +893,8 @@ impl Dataplane {
             ("embryonic_ms", self.embryonic_ms),
             ("half_closed_ms", self.half_closed_ms),
             ("queue_len", self.queue_len as u64),
+            ("fast_path_mark", self.fast_path_mark as u64),
+            ("fast_path_sample_ms", self.fast_path_sample_ms),
         ] {
             if v == 0 {
                 return Err(invalid(format!("dataplane.{key}"), "must be at least 1"));

@@ -120,13 +120,22 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
         },
         classifier,
     );
-    let driver = Driver::new(engine, Devices { queue, tunnel, tun })?;
+    let driver = Driver::new(engine, Devices { queue, tunnel, tun })?.with_fast_path_mark(if d.fast_path {
+        d.fast_path_mark
+    } else {
+        0
+    });
     let waker = driver.waker();
     mesh.set_install_listener(Box::new(move |c| waker.on_install(c)));
     let stats = driver.stats();
     if d.manage_rules {
         rules::install(d)?;
-        tracing::info!(queue = d.queue, "netfilter rules installed (chains LB-PRE, LB-OUT in the raw table)");
+        tracing::info!(
+            queue = d.queue,
+            fast_path = d.fast_path,
+            "netfilter rules installed (nftables table inet {})",
+            rules::TABLE
+        );
     }
     let stop = Arc::new(AtomicBool::new(false));
     let control = MeshControl(mesh.clone());

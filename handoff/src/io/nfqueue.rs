@@ -92,6 +92,11 @@ impl Queued {
         self.msg.get_queue_num()
     }
 
+    /// The packet's mark (skb->mark) as it was queued.
+    pub fn mark(&self) -> u32 {
+        self.msg.get_nfmark()
+    }
+
     /// The packet's length on the wire; larger than `payload().len()` only if it was truncated.
     pub fn original_len(&self) -> usize {
         self.msg.get_original_len()
@@ -214,6 +219,12 @@ impl NfQueue {
 
     /// Returns `q` to the kernel with verdict `v`.
     pub fn verdict(&mut self, q: Queued, v: NfVerdict) -> io::Result<()> {
+        self.verdict_with_mark(q, v, None)
+    }
+
+    /// Returns `q` to the kernel with verdict `v`, and with its whole packet mark set to
+    /// `mark` if given (the kernel replaces skb->mark; keep the bits of [`Queued::mark`]).
+    pub fn verdict_with_mark(&mut self, q: Queued, v: NfVerdict, mark: Option<u32>) -> io::Result<()> {
         if q.queue_num() != self.queue_num {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -221,6 +232,9 @@ impl NfQueue {
             ));
         }
         let mut msg = q.msg;
+        if let Some(mark) = mark {
+            msg.set_nfmark(mark);
+        }
         match v {
             NfVerdict::Accept => msg.set_verdict(nfq::Verdict::Accept),
             NfVerdict::AcceptModified(packet) => {
