@@ -647,6 +647,16 @@ impl Config {
                     return Err(invalid("dataplane.owners", format!("{o} is not in cluster.members")));
                 }
             }
+            if d.policy == "local" && !d.owners.is_empty() && !d.owners.contains(&c.node.address) {
+                return Err(invalid(
+                    "dataplane.owners",
+                    format!(
+                        "policy \"local\" keeps new flows on this member, which is not among the owners; \
+                         use policy \"affinity\", \"pair-rendezvous\" or \"rendezvous\" to hand them to {:?}",
+                        d.owners
+                    ),
+                ));
+            }
         }
         match (&c.tls, c.cluster.plaintext) {
             (None, false) => {
@@ -1068,9 +1078,12 @@ owners = ["198.18.0.21", "198.18.0.22"]
         // Defaults without the section.
         let c = Config::parse(BASE).unwrap();
         assert_eq!((c.affinity.load_bound, c.affinity.load_slack, c.affinity.advertise_ms), (1.25, 4.0, 1000));
-        for p in ["local", "rendezvous", "pair-rendezvous"] {
+        for p in ["rendezvous", "pair-rendezvous"] {
             Config::parse(&BASE.replace("\"affinity\"", &format!("{p:?}"))).unwrap();
         }
+        // "local" among owners that include this member.
+        Config::parse(&BASE.replace("\"affinity\"", "\"local\"").replace("owners = [", "owners = [\"198.18.0.1\", "))
+            .unwrap();
     }
 
     #[test]
@@ -1092,6 +1105,8 @@ owners = ["198.18.0.21", "198.18.0.22"]
         }
         let e = err(BASE.replace("owners = [\"198.18.0.21\", \"198.18.0.22\"]", "owners = [\"198.18.0.99\"]"));
         assert!(e.contains("dataplane.owners") && e.contains("198.18.0.99"), "{e}");
+        let e = err(BASE.replace("\"affinity\"", "\"local\""));
+        assert!(e.contains("dataplane.owners") && e.contains("not among the owners"), "{e}");
         let e = err(BASE.replace("\"affinity\"", "\"best\""));
         assert!(e.contains("dataplane.policy") && e.contains("pair-rendezvous"), "{e}");
     }
