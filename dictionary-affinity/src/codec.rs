@@ -478,10 +478,14 @@ mod tests {
 
     /// A hand-made stream: a header matching an empty store, then `frames` chained properly.
     fn stream(flags: u8, frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        stream_v(VERSION, flags, frames)
+    }
+
+    fn stream_v(version: u8, flags: u8, frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
         let mut out = Vec::new();
         let store = crate::Store::new(BUDGET);
         let mut chain =
-            StreamHeader { version: VERSION, flags, epoch: 0, budget: BUDGET, digest: store.digest() }.emit(&mut out);
+            StreamHeader { version, flags, epoch: 0, budget: BUDGET, digest: store.digest() }.emit(&mut out);
         for (ty, body) in frames {
             write_frame(&mut out, &mut chain, *ty, &[body]);
         }
@@ -556,6 +560,93 @@ mod tests {
         let mut huge = stream(0, &[]);
         huge.extend_from_slice(&[TokenType::Literal as u8, 0xff, 0xff, 0x7f]);
         assert!(matches!(decode(&huge).1, Err(DecodeError::Malformed { .. })));
+    }
+
+    fn carry(bytes: &[u8]) -> (u8, Vec<u8>) {
+        (TokenType::Carry as u8, bytes.to_vec())
+    }
+
+    fn carried_ref(ty: TokenType, id: ChunkId, len: usize, check: u32, count: usize) -> (u8, Vec<u8>) {
+        let (_, mut body) = reference(id, len, check);
+        put_varint(&mut body, count);
+        (ty as u8, body)
+    }
+
+    fn define_carried(id: ChunkId, carried: usize, rest: &[u8]) -> (u8, Vec<u8>) {
+        let mut body = id.to_bytes().to_vec();
+        put_varint(&mut body, carried);
+        body.extend_from_slice(rest);
+        (TokenType::DefineCarried as u8, body)
+    }
+
+    fn literal_carried(carried: usize, rest: &[u8]) -> (u8, Vec<u8>) {
+        let mut body = Vec::new();
+        put_varint(&mut body, carried);
+        body.extend_from_slice(rest);
+        (TokenType::LiteralCarried as u8, body)
+    }
+
+    #[test]
+    fn carried_tokens_complete_chunks() {
+        let chunk: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (id, check) = (ChunkId::of(&chunk), crate::store::chunk_check(&chunk));
+        let s = stream(
+            0,
+            &[
+                carry(&chunk[..1000]),
+                define_carried(id, 1000, &chunk[1000..]),
+                carry(&chunk[..10]),
+                carried_ref(TokenType::CarryRef, id, 3000, check, 990),
+                carried_ref(TokenType::ReferenceCarried, id, 3000, check, 1000),
+                carry(b"tail"),
+                literal_carried(4, b"+more"),
+            ],
+        );
+        let (out, r, events) = decode(&s);
+        assert_eq!((r, events.len()), (Ok(()), 0));
+        assert_eq!(out, [&chunk[..], &chunk[..], b"tail+more"].concat());
+    }
+
+    #[test]
+    fn inconsistent_carried_tokens_are_refused_without_wrong_bytes() {
+        let chunk: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (id, check) = (ChunkId::of(&chunk), crate::store::chunk_check(&chunk));
+        let mut other = chunk.clone();
+        other[5] ^= 1;
+        let cases: Vec<Vec<(u8, Vec<u8>)>> = vec![
+            // Carried count larger than the carry, or not all of it with bytes after it.
+            vec![carry(&chunk[..999]), define_carried(id, 1000, &chunk[1000..])],
+            vec![carry(&chunk[..1001]), define_carried(id, 1000, &chunk[1000..])],
+            vec![carry(b"abc"), literal_carried(2, b"x")],
+            vec![carry(b"abc"), literal_carried(4, b"")],
+            // A stored chunk whose beginning is not the carry.
+            vec![
+                define(&chunk),
+                carry(&other[..1000]),
+                carried_ref(TokenType::ReferenceCarried, id, 3000, check, 1000),
+            ],
+            vec![define(&chunk), carried_ref(TokenType::ReferenceCarried, id, 3000, check, 10)],
+            // CARRY_REF past the chunk's end, or of nothing.
+            vec![define(&chunk), carry(&chunk[..2990]), carried_ref(TokenType::CarryRef, id, 3000, check, 11)],
+            vec![define(&chunk), carried_ref(TokenType::CarryRef, id, 3000, check, 0)],
+            // The carry is bounded.
+            vec![carry(&vec![1; MAX_CARRY]), carry(b"1")],
+        ];
+        for (i, frames) in cases.into_iter().enumerate() {
+            let expected: Vec<u8> = frames
+                .iter()
+                .filter(|(ty, _)| *ty == TokenType::Define as u8 || *ty == TokenType::Carry as u8)
+                .flat_map(|(ty, b)| if *ty == TokenType::Define as u8 { b[16..].to_vec() } else { b.clone() })
+                .collect();
+            let (out, r, _) = decode(&stream(0, &frames));
+            assert!(matches!(r, Err(DecodeError::Malformed { .. })), "case {i}: {r:?}");
+            assert!(expected.starts_with(&out), "case {i}: only verified bytes");
+        }
+        // Version 1 streams decode, but carry no carried tokens.
+        let (out, r, _) = decode(&stream_v(1, 0, &[define(&chunk)]));
+        assert_eq!((out, r), (chunk.clone(), Ok(())));
+        let (out, r, _) = decode(&stream_v(1, 0, &[carry(b"abc")]));
+        assert!(out.is_empty() && matches!(r, Err(DecodeError::Malformed { .. })), "{r:?}");
     }
 
     #[test]
