@@ -31,8 +31,13 @@ pub use encoder::{Encoder, EncoderConfig, EncoderStats, RepairError, ABORT_REPAI
 
 /// First four bytes of every stream.
 pub const MAGIC: [u8; 4] = *b"LBRE";
-/// The framing version this build speaks.
-pub const VERSION: u8 = 1;
+/// The framing version this build writes. Version 2 added the carried tokens (CARRY,
+/// CARRY_REF, DEFINE_CARRIED, REFERENCE_CARRIED, LITERAL_CARRIED) for [`Encoder::flush_soft`];
+/// a version-1 decoder refuses a version-2 header before it outputs a byte.
+pub const VERSION: u8 = 2;
+/// The oldest framing version this build still decodes (version 1 is version 2 without the
+/// carried tokens).
+pub const MIN_VERSION: u8 = 1;
 /// Length of the stream header.
 pub const HEADER_LEN: usize = 32;
 /// Header flag: the encoder may send zstd-compressed bodies (type bit [`COMPRESSED`]).
@@ -41,6 +46,8 @@ pub const FLAG_ZSTD: u8 = 0x01;
 pub const COMPRESSED: u8 = 0x80;
 /// Largest frame body accepted: a maximal chunk plus its id and length fields.
 pub const MAX_BODY: usize = MAX_CHUNK + 32;
+/// Most bytes a decoder keeps as the carry (the sent-ahead start of an unfinished chunk).
+pub const MAX_CARRY: usize = MAX_CHUNK;
 
 pub(crate) const FRAME_SEED: u64 = 0x6c62_2d66_7261_6d65;
 
@@ -85,6 +92,22 @@ pub enum TokenType {
     Nack = 7,
     /// The encoder gave up on this stream.
     Abort = 8,
+    /// Bytes of the current, unfinished chunk sent ahead by a soft flush: output them, and
+    /// both sides keep them as the beginning of that chunk (the *carry*). Version 2.
+    Carry = 9,
+    /// Like CARRY, but the bytes are those of a stored chunk at the same offsets: output bytes
+    /// `carry..carry + count` of the chunk with this id, length and check; no store change.
+    /// Version 2.
+    CarryRef = 10,
+    /// A new chunk whose first `carried` bytes are the carry: output the rest, both sides add
+    /// the whole chunk to the store. Version 2.
+    DefineCarried = 11,
+    /// A stored chunk whose first `carried` bytes are the carry (verified): output the rest,
+    /// both sides count a use. Version 2.
+    ReferenceCarried = 12,
+    /// The first `carried` bytes of the carry end up as literal bytes (their chunk is not
+    /// stored): drop them from the carry, output the new bytes. Version 2.
+    LiteralCarried = 13,
 }
 
 impl TokenType {
@@ -99,18 +122,34 @@ impl TokenType {
             6 => Self::Checkpoint,
             7 => Self::Nack,
             8 => Self::Abort,
+            9 => Self::Carry,
+            10 => Self::CarryRef,
+            11 => Self::DefineCarried,
+            12 => Self::ReferenceCarried,
+            13 => Self::LiteralCarried,
             _ => return None,
         })
     }
 
     fn may_compress(self) -> bool {
-        matches!(self, Self::Literal | Self::Define | Self::Repair)
+        matches!(
+            self,
+            Self::Literal | Self::Define | Self::Repair | Self::Carry | Self::DefineCarried | Self::LiteralCarried
+        )
+    }
+
+    /// The token exists only from framing version 2 on.
+    pub fn is_carried(self) -> bool {
+        (self as u8) >= Self::Carry as u8
     }
 }
 
 /// The stream header's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamHeader {
+    /// Framing version: [`VERSION`] when written by this build, [`MIN_VERSION`]..=[`VERSION`]
+    /// when parsed.
+    pub version: u8,
     /// [`FLAG_ZSTD`] or 0.
     pub flags: u8,
     /// The encoder's store epoch.
@@ -126,7 +165,7 @@ impl StreamHeader {
     pub fn emit(&self, out: &mut Vec<u8>) -> u32 {
         let start = out.len();
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&[VERSION, self.flags, 0, 0]);
+        out.extend_from_slice(&[self.version, self.flags, 0, 0]);
         out.extend_from_slice(&self.epoch.to_be_bytes());
         out.extend_from_slice(&self.budget.to_be_bytes());
         out.extend_from_slice(&self.digest.to_be_bytes());
@@ -140,8 +179,9 @@ impl StreamHeader {
         if b[field::MAGIC] != MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        if b[field::VERSION] != VERSION {
-            return Err(DecodeError::UnsupportedVersion(b[field::VERSION]));
+        let version = b[field::VERSION];
+        if !(MIN_VERSION..=VERSION).contains(&version) {
+            return Err(DecodeError::UnsupportedVersion(version));
         }
         if check32(&b[..field::CHECK.start], 0).to_be_bytes() != b[field::CHECK] {
             return Err(DecodeError::HeaderChecksum);
@@ -151,6 +191,7 @@ impl StreamHeader {
             return Err(DecodeError::UnsupportedFlags(flags));
         }
         Ok(Self {
+            version,
             flags,
             epoch: u32::from_be_bytes(b[field::EPOCH].try_into().expect("4 bytes")),
             budget: u64::from_be_bytes(b[field::BUDGET].try_into().expect("8 bytes")),
@@ -385,7 +426,13 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_rejects_damage() {
-        let h = StreamHeader { flags: FLAG_ZSTD, epoch: 7, budget: 1 << 26, digest: 0xdead_beef_0bad_f00d };
+        let h = StreamHeader {
+            version: VERSION,
+            flags: FLAG_ZSTD,
+            epoch: 7,
+            budget: 1 << 26,
+            digest: 0xdead_beef_0bad_f00d,
+        };
         let mut b = Vec::new();
         h.emit(&mut b);
         assert_eq!(b.len(), HEADER_LEN);
@@ -431,9 +478,14 @@ mod tests {
 
     /// A hand-made stream: a header matching an empty store, then `frames` chained properly.
     fn stream(flags: u8, frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        stream_v(VERSION, flags, frames)
+    }
+
+    fn stream_v(version: u8, flags: u8, frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
         let mut out = Vec::new();
         let store = crate::Store::new(BUDGET);
-        let mut chain = StreamHeader { flags, epoch: 0, budget: BUDGET, digest: store.digest() }.emit(&mut out);
+        let mut chain =
+            StreamHeader { version, flags, epoch: 0, budget: BUDGET, digest: store.digest() }.emit(&mut out);
         for (ty, body) in frames {
             write_frame(&mut out, &mut chain, *ty, &[body]);
         }
@@ -508,6 +560,93 @@ mod tests {
         let mut huge = stream(0, &[]);
         huge.extend_from_slice(&[TokenType::Literal as u8, 0xff, 0xff, 0x7f]);
         assert!(matches!(decode(&huge).1, Err(DecodeError::Malformed { .. })));
+    }
+
+    fn carry(bytes: &[u8]) -> (u8, Vec<u8>) {
+        (TokenType::Carry as u8, bytes.to_vec())
+    }
+
+    fn carried_ref(ty: TokenType, id: ChunkId, len: usize, check: u32, count: usize) -> (u8, Vec<u8>) {
+        let (_, mut body) = reference(id, len, check);
+        put_varint(&mut body, count);
+        (ty as u8, body)
+    }
+
+    fn define_carried(id: ChunkId, carried: usize, rest: &[u8]) -> (u8, Vec<u8>) {
+        let mut body = id.to_bytes().to_vec();
+        put_varint(&mut body, carried);
+        body.extend_from_slice(rest);
+        (TokenType::DefineCarried as u8, body)
+    }
+
+    fn literal_carried(carried: usize, rest: &[u8]) -> (u8, Vec<u8>) {
+        let mut body = Vec::new();
+        put_varint(&mut body, carried);
+        body.extend_from_slice(rest);
+        (TokenType::LiteralCarried as u8, body)
+    }
+
+    #[test]
+    fn carried_tokens_complete_chunks() {
+        let chunk: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (id, check) = (ChunkId::of(&chunk), crate::store::chunk_check(&chunk));
+        let s = stream(
+            0,
+            &[
+                carry(&chunk[..1000]),
+                define_carried(id, 1000, &chunk[1000..]),
+                carry(&chunk[..10]),
+                carried_ref(TokenType::CarryRef, id, 3000, check, 990),
+                carried_ref(TokenType::ReferenceCarried, id, 3000, check, 1000),
+                carry(b"tail"),
+                literal_carried(4, b"+more"),
+            ],
+        );
+        let (out, r, events) = decode(&s);
+        assert_eq!((r, events.len()), (Ok(()), 0));
+        assert_eq!(out, [&chunk[..], &chunk[..], b"tail+more"].concat());
+    }
+
+    #[test]
+    fn inconsistent_carried_tokens_are_refused_without_wrong_bytes() {
+        let chunk: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (id, check) = (ChunkId::of(&chunk), crate::store::chunk_check(&chunk));
+        let mut other = chunk.clone();
+        other[5] ^= 1;
+        let cases: Vec<Vec<(u8, Vec<u8>)>> = vec![
+            // Carried count larger than the carry, or not all of it with bytes after it.
+            vec![carry(&chunk[..999]), define_carried(id, 1000, &chunk[1000..])],
+            vec![carry(&chunk[..1001]), define_carried(id, 1000, &chunk[1000..])],
+            vec![carry(b"abc"), literal_carried(2, b"x")],
+            vec![carry(b"abc"), literal_carried(4, b"")],
+            // A stored chunk whose beginning is not the carry.
+            vec![
+                define(&chunk),
+                carry(&other[..1000]),
+                carried_ref(TokenType::ReferenceCarried, id, 3000, check, 1000),
+            ],
+            vec![define(&chunk), carried_ref(TokenType::ReferenceCarried, id, 3000, check, 10)],
+            // CARRY_REF past the chunk's end, or of nothing.
+            vec![define(&chunk), carry(&chunk[..2990]), carried_ref(TokenType::CarryRef, id, 3000, check, 11)],
+            vec![define(&chunk), carried_ref(TokenType::CarryRef, id, 3000, check, 0)],
+            // The carry is bounded.
+            vec![carry(&vec![1; MAX_CARRY]), carry(b"1")],
+        ];
+        for (i, frames) in cases.into_iter().enumerate() {
+            let expected: Vec<u8> = frames
+                .iter()
+                .filter(|(ty, _)| *ty == TokenType::Define as u8 || *ty == TokenType::Carry as u8)
+                .flat_map(|(ty, b)| if *ty == TokenType::Define as u8 { b[16..].to_vec() } else { b.clone() })
+                .collect();
+            let (out, r, _) = decode(&stream(0, &frames));
+            assert!(matches!(r, Err(DecodeError::Malformed { .. })), "case {i}: {r:?}");
+            assert!(expected.starts_with(&out), "case {i}: only verified bytes");
+        }
+        // Version 1 streams decode, but carry no carried tokens.
+        let (out, r, _) = decode(&stream_v(1, 0, &[define(&chunk)]));
+        assert_eq!((out, r), (chunk.clone(), Ok(())));
+        let (out, r, _) = decode(&stream_v(1, 0, &[carry(b"abc")]));
+        assert!(out.is_empty() && matches!(r, Err(DecodeError::Malformed { .. })), "{r:?}");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use proptest::prelude::*;
 const BUDGET: u64 = 1 << 22;
 
 /// Data with internal repetition, encoded in one stream that holds every token type the
-/// encoder produces on its own (DEFINE, REFERENCE, LITERAL, CHECKPOINT).
+/// encoder produces on its own (DEFINE, REFERENCE, LITERAL, CHECKPOINT, and from soft flushes
+/// CARRY, CARRY_REF, DEFINE_CARRIED, REFERENCE_CARRIED, LITERAL_CARRIED).
 fn encoded(seed: u64, zstd: bool) -> (Vec<u8>, Vec<u8>) {
     let mut rng = Rng(seed);
     let block = html_records(6_000 + rng.below(6_000) as usize, seed);
@@ -23,11 +24,17 @@ fn encoded(seed: u64, zstd: bool) -> (Vec<u8>, Vec<u8>) {
     let cfg = EncoderConfig { chunker: SMALL_CHUNKS, zstd, ..EncoderConfig::default() };
     let mut enc = Encoder::new(Store::new(BUDGET), cfg).unwrap();
     let mut wire = Vec::new();
-    let cuts = [rng.next() as usize, rng.next() as usize];
-    for piece in split_at(&data, &cuts) {
+    let cuts: Vec<usize> = (0..6).map(|_| rng.next() as usize).collect();
+    for (i, piece) in split_at(&data, &cuts).into_iter().enumerate() {
         enc.encode(piece, &mut wire);
-        enc.flush(&mut wire);
+        // Soft flushes mid-chunk put the carried tokens in the stream; hard ones the rest.
+        if i % 3 == 2 {
+            enc.flush(&mut wire);
+        } else {
+            enc.flush_soft(&mut wire);
+        }
     }
+    enc.flush(&mut wire);
     assert!(enc.stats().references > 0 && enc.stats().defines > 0);
     (data, wire)
 }
@@ -170,8 +177,10 @@ proptest! {
 fn a_stream_for_another_budget_or_version_is_refused() {
     let (_, wire) = encoded(1, false);
     let mut bad = wire.clone();
-    bad[4] = 2;
-    assert_eq!(decode_all(&bad, 100).1, Err(DecodeError::UnsupportedVersion(2)));
+    bad[4] = 3;
+    assert_eq!(decode_all(&bad, 100).1, Err(DecodeError::UnsupportedVersion(3)));
+    bad[4] = 0;
+    assert_eq!(decode_all(&bad, 100).1, Err(DecodeError::UnsupportedVersion(0)));
     let mut bad = wire.clone();
     bad[0] = b'X';
     assert_eq!(decode_all(&bad, 100).1, Err(DecodeError::BadMagic));

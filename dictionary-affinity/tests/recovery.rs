@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{html_records, pair, run_link, LinkError, Rng, SMALL_CHUNKS};
+use common::{html_records, pair, run_link, run_link_soft, split_at, LinkError, Rng, SMALL_CHUNKS};
 use dictionary_affinity::codec::RepairError;
 use dictionary_affinity::{DecodeError, Decoder, DecoderConfig, Encoder, EncoderConfig, Event, NackKind, Store};
 use proptest::prelude::*;
@@ -211,7 +211,13 @@ proptest! {
             enc = Encoder::new(std::mem::replace(&mut enc_store, Store::new(1)), cfg).unwrap();
             dec = Decoder::new(dec_store, DecoderConfig::default());
             let split = 1 + rng.below(3000) as usize;
-            let r = run_link(&mut enc, &mut dec, &parts, &[0, 2], split).map_err(|(_, e)| format!("{e:?}"));
+            // Soft flushes at random points (mid-chunk: carried references to chunks the
+            // decoder may have lost), hard ones after pieces 0 and 2.
+            let cuts: Vec<usize> = (0..rng.below(10)).map(|_| rng.next() as usize).collect();
+            let pieces = split_at(&expected, &cuts);
+            let soft: Vec<usize> = (0..pieces.len()).filter(|_| rng.below(3) != 0).collect();
+            let r = run_link_soft(&mut enc, &mut dec, &pieces, &[0, 2], &soft, split)
+                .map_err(|(_, e)| format!("{e:?}"));
             let r = r.map_err(TestCaseError::fail)?;
             prop_assert!(r.output == expected, "stream {} differs", s);
             prop_assert!(enc.store() == dec.store(), "stream {} ends out of lockstep", s);

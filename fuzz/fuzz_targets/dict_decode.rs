@@ -3,7 +3,7 @@
 //! input (corrupted or not).
 #![no_main]
 
-use dictionary_affinity::{Decoder, DecoderConfig, Encoder, EncoderConfig, Store};
+use dictionary_affinity::{ChunkerConfig, Decoder, DecoderConfig, Encoder, EncoderConfig, Store};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,9 +21,24 @@ fuzz_target!(|data: &[u8]| {
     } else {
         // A real stream of `rest`, with one byte flipped somewhere: the output must be a
         // prefix of the input, never different bytes.
-        let mut e = Encoder::new(Store::new(1 << 20), EncoderConfig::default()).expect("default config is valid");
+        // Bit 1: small chunks and soft flushes every few hundred bytes, so the stream holds the
+        // carried tokens (CARRY, CARRY_REF, DEFINE_CARRIED, REFERENCE_CARRIED, LITERAL_CARRIED).
+        let soft = mode & 2 != 0;
+        let config = if soft {
+            EncoderConfig { chunker: ChunkerConfig { min: 64, avg: 256, max: 1024 }, ..EncoderConfig::default() }
+        } else {
+            EncoderConfig::default()
+        };
+        let mut e = Encoder::new(Store::new(1 << 20), config).expect("valid config");
         let mut wire = Vec::new();
-        e.encode(rest, &mut wire);
+        if soft {
+            for piece in rest.chunks(37 + (mode as usize >> 2) * 13) {
+                e.encode(piece, &mut wire);
+                e.flush_soft(&mut wire);
+            }
+        } else {
+            e.encode(rest, &mut wire);
+        }
         e.flush(&mut wire);
         if !wire.is_empty() {
             let at = (mode as usize * 7919) % wire.len();

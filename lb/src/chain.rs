@@ -35,8 +35,8 @@ use wire::{Hello, Mode, Record, Records, FLAG_AVAILABLE, HELLO_MAGIC, REC_DONE, 
 
 /// Input bytes read per call (the encoder cuts chunks across reads).
 const READ_BUF: usize = 64 * 1024;
-/// The encoder flushes its carry when its input has been quiet this long: a shorter pause
-/// would cut chunks at read boundaries and cost dictionary hits on the next pass.
+/// The encoder delivers its pending bytes (`Encoder::flush_soft`: chunk boundaries do not move)
+/// when its input has been quiet this long; the hard `flush` is kept for the input's end.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(2);
 /// How long a connection waits for its pair's dictionaries while another connection holds
 /// them, before it runs on throwaway ones: long enough for the previous connection of a
@@ -690,7 +690,7 @@ async fn encode_pump(
                 }
             }
             () = tokio::time::sleep(FLUSH_AFTER), if need_flush && !eof => {
-                enc.flush(&mut out);
+                enc.flush_soft(&mut out);
                 need_flush = false;
             }
         }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     get_varint, parse_frame, DecodeError, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_ZSTD, HEADER_LEN,
+    MAX_CARRY,
 };
 use crate::chunk::{ChunkId, MAX_CHUNK};
 use crate::store::{chunk_check, Store};
@@ -53,12 +54,14 @@ pub struct DecoderStats {
     pub output_bytes: u64,
     /// Output bytes from LITERAL.
     pub literal_bytes: u64,
-    /// Output bytes from DEFINE.
+    /// Bytes of chunks defined (DEFINE, DEFINE_CARRIED: the whole chunk, carried part included).
     pub defined_bytes: u64,
-    /// Output bytes from REFERENCE resolved in the store.
+    /// Bytes of chunks referenced and resolved in the store (whole chunks, as for defines).
     pub referenced_bytes: u64,
-    /// Output bytes from REFERENCE resolved by a REPAIR.
+    /// Bytes of referenced chunks resolved by a REPAIR (whole chunks).
     pub repaired_bytes: u64,
+    /// Output bytes sent ahead of their chunk (CARRY, CARRY_REF).
+    pub carried_bytes: u64,
     /// NACKs this decoder asked to send.
     pub nacks_sent: u64,
     /// NACKs received for the opposite direction.
@@ -82,6 +85,9 @@ pub struct Decoder {
     store: Store,
     config: DecoderConfig,
     header: Option<StreamHeader>,
+    /// Bytes output by CARRY / CARRY_REF whose chunk has not completed yet: the beginning of
+    /// the current chunk (at most MAX_CARRY bytes).
+    carry: Vec<u8>,
     /// Encoded bytes from stream offset `base` on.
     buf: Vec<u8>,
     base: u64,
@@ -126,6 +132,7 @@ impl Decoder {
             store,
             config,
             header: None,
+            carry: Vec::new(),
             buf: Vec::new(),
             base: 0,
             scanned: 0,
@@ -164,6 +171,11 @@ impl Decoder {
     /// The stream header, once received.
     pub fn header(&self) -> Option<StreamHeader> {
         self.header
+    }
+
+    /// Bytes held as the beginning of an unfinished chunk (sent ahead by a soft flush).
+    pub fn carried(&self) -> usize {
+        self.carry.len()
     }
 
     /// The chunk whose REPAIR output is waiting for, if any.
@@ -258,10 +270,28 @@ impl Decoder {
                 return Err(malformed("compressed body in a stream without the zstd flag"));
             }
             let ty = TokenType::from_byte(frame.ty).expect("parse_frame checked the type");
+            if ty.is_carried() && header.version < 2 {
+                return Err(malformed("carried token in a version-1 stream"));
+            }
             let body = &self.buf[rel + frame.body.start..rel + frame.body.end];
             let mut queue = true;
             match ty {
-                TokenType::Literal => {}
+                TokenType::Literal | TokenType::Carry => {}
+                TokenType::LiteralCarried => {
+                    get_varint(body).ok().flatten().ok_or_else(|| malformed("bad LITERAL_CARRIED body"))?;
+                }
+                TokenType::DefineCarried => {
+                    let (id, _, _) = read_define_carried(body).ok_or_else(|| malformed("bad DEFINE_CARRIED body"))?;
+                    *self.scan_defined.entry(id).or_default() += 1;
+                }
+                TokenType::CarryRef | TokenType::ReferenceCarried => {
+                    let (id, len, check, n) =
+                        read_reference_carried(body).ok_or_else(|| malformed("bad carried reference body"))?;
+                    if n > len || (n == 0 && ty == TokenType::CarryRef) {
+                        return Err(malformed("carried count outside its chunk"));
+                    }
+                    self.nack_early(id, len, check);
+                }
                 TokenType::Define => {
                     let id = read_id(body).ok_or_else(|| malformed("DEFINE shorter than an id"))?;
                     *self.scan_defined.entry(id).or_default() += 1;
@@ -363,31 +393,88 @@ impl Decoder {
                     }
                     out.extend_from_slice(bytes);
                     self.stats.defined_bytes += bytes.len() as u64;
-                    if let Some(n) = self.scan_defined.get_mut(&id) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.scan_defined.remove(&id);
-                        }
-                    }
+                    self.applied_define(id);
                 }
                 TokenType::Reference => {
                     let (id, len, check) = read_reference(body).expect("scan checked");
-                    if let Some(c) = self.store.get(id).filter(|c| c.bytes().len() == len && c.check() == check) {
-                        out.extend_from_slice(c.bytes());
-                        self.store.touch(id);
-                        self.stats.referenced_bytes += len as u64;
-                    } else if let Some(b) = self.repairs.get(&id).filter(|b| b.len() == len && chunk_check(b) == check)
-                    {
-                        out.extend_from_slice(b);
-                        self.stats.repaired_bytes += len as u64;
-                    } else {
-                        if self.nacked.insert(id) {
-                            let kind = if self.store.contains(id) { NackKind::Mismatch } else { NackKind::Missing };
-                            self.send_nack(Nack { kind, epoch: self.apply_epoch, id });
-                        }
-                        self.blocked = Some(id);
+                    let Some((chunk, stored)) = self.resolve(id, len, check) else {
+                        self.block(id);
                         return Ok(());
+                    };
+                    out.extend_from_slice(&chunk);
+                    self.used(id, len, stored);
+                }
+                TokenType::Carry => {
+                    let bytes = chunk_body(&mut self.zstd, &mut self.zbuf, ty, body, offset)?;
+                    if self.carry.len() + bytes.len() > MAX_CARRY {
+                        return Err(DecodeError::Malformed { offset, what: "carry longer than MAX_CARRY" });
                     }
+                    out.extend_from_slice(bytes);
+                    self.carry.extend_from_slice(bytes);
+                    self.stats.carried_bytes += bytes.len() as u64;
+                }
+                TokenType::CarryRef => {
+                    let (id, len, check, count) = read_reference_carried(body).expect("scan checked");
+                    let from = self.carry.len();
+                    if from + count > len || from + count > MAX_CARRY {
+                        return Err(DecodeError::Malformed { offset, what: "CARRY_REF beyond its chunk" });
+                    }
+                    let Some((chunk, _)) = self.resolve(id, len, check) else {
+                        self.block(id);
+                        return Ok(());
+                    };
+                    let bytes = &chunk[from..from + count];
+                    out.extend_from_slice(bytes);
+                    self.carry.extend_from_slice(bytes);
+                    self.stats.carried_bytes += count as u64;
+                }
+                TokenType::ReferenceCarried => {
+                    let (id, len, check, carried) = read_reference_carried(body).expect("scan checked");
+                    self.check_carried(carried, carried < len, offset)?;
+                    let Some((chunk, stored)) = self.resolve(id, len, check) else {
+                        self.block(id);
+                        return Ok(());
+                    };
+                    if chunk[..carried] != self.carry[..carried] {
+                        return Err(DecodeError::Malformed { offset, what: "carried bytes differ from the chunk" });
+                    }
+                    out.extend_from_slice(&chunk[carried..]);
+                    self.carry.drain(..carried);
+                    self.used(id, len, stored);
+                }
+                TokenType::DefineCarried => {
+                    let (id, carried, n) = read_define_carried(body).expect("scan checked");
+                    let bytes = chunk_body(&mut self.zstd, &mut self.zbuf, ty, &body[16 + n..], offset)?;
+                    let malformed = |what| DecodeError::Malformed { offset, what };
+                    if carried > self.carry.len() || (!bytes.is_empty() && carried != self.carry.len()) {
+                        return Err(malformed("carried count does not match the carry"));
+                    }
+                    if carried + bytes.len() > MAX_CHUNK {
+                        return Err(malformed("DEFINE_CARRIED longer than MAX_CHUNK"));
+                    }
+                    let mut chunk = Vec::with_capacity(carried + bytes.len());
+                    chunk.extend_from_slice(&self.carry[..carried]);
+                    chunk.extend_from_slice(bytes);
+                    if ChunkId::of(&chunk) != id {
+                        return Err(DecodeError::ChunkIdMismatch { offset });
+                    }
+                    if self.store.define(id, Arc::from(chunk)).is_none() {
+                        return Err(malformed("DEFINE larger than the budget"));
+                    }
+                    out.extend_from_slice(bytes);
+                    self.carry.drain(..carried);
+                    self.stats.defined_bytes += (carried + bytes.len()) as u64;
+                    self.applied_define(id);
+                }
+                TokenType::LiteralCarried => {
+                    let (carried, n) = get_varint(body).ok().flatten().expect("scan checked");
+                    let bytes = chunk_body(&mut self.zstd, &mut self.zbuf, ty, &body[n..], offset)?;
+                    if carried > self.carry.len() || (!bytes.is_empty() && carried != self.carry.len()) {
+                        return Err(DecodeError::Malformed { offset, what: "carried count does not match the carry" });
+                    }
+                    out.extend_from_slice(bytes);
+                    self.carry.drain(..carried);
+                    self.stats.literal_bytes += bytes.len() as u64;
                 }
                 TokenType::Repair => {
                     let id = read_id(body).expect("scan checked");
@@ -413,6 +500,70 @@ impl Decoder {
         }
         Ok(())
     }
+}
+
+impl Decoder {
+    /// The chunk a reference names, from the store or a REPAIR (`true`: from the store).
+    fn resolve(&self, id: ChunkId, len: usize, check: u32) -> Option<(Arc<[u8]>, bool)> {
+        if let Some(c) = self.store.get(id).filter(|c| c.bytes().len() == len && c.check() == check) {
+            return Some((c.bytes().clone(), true));
+        }
+        let b = self.repairs.get(&id).filter(|b| b.len() == len && chunk_check(b) == check)?;
+        Some((b.clone(), false))
+    }
+
+    /// Output waits for the REPAIR of `id` (NACKed once).
+    fn block(&mut self, id: ChunkId) {
+        if self.nacked.insert(id) {
+            let kind = if self.store.contains(id) { NackKind::Mismatch } else { NackKind::Missing };
+            self.send_nack(Nack { kind, epoch: self.apply_epoch, id });
+        }
+        self.blocked = Some(id);
+    }
+
+    /// A reference applied: a use in the store, or a chunk supplied by REPAIR.
+    fn used(&mut self, id: ChunkId, len: usize, stored: bool) {
+        if stored {
+            self.store.touch(id);
+            self.stats.referenced_bytes += len as u64;
+        } else {
+            self.stats.repaired_bytes += len as u64;
+        }
+    }
+
+    fn applied_define(&mut self, id: ChunkId) {
+        if let Some(n) = self.scan_defined.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.scan_defined.remove(&id);
+            }
+        }
+    }
+
+    /// A token that completes a chunk from the first `carried` bytes of the carry: there must
+    /// be that many, and all of them when the chunk has bytes after them.
+    fn check_carried(&self, carried: usize, more: bool, offset: u64) -> Result<(), DecodeError> {
+        if carried > self.carry.len() || (more && carried != self.carry.len()) {
+            return Err(DecodeError::Malformed { offset, what: "carried count does not match the carry" });
+        }
+        Ok(())
+    }
+}
+
+/// DEFINE_CARRIED body: id 16 B, carried varint, then the data: (id, carried, varint length).
+fn read_define_carried(body: &[u8]) -> Option<(ChunkId, usize, usize)> {
+    let id = read_id(body)?;
+    let (carried, n) = get_varint(&body[16..]).ok()??;
+    (carried <= MAX_CARRY).then_some((id, carried, n))
+}
+
+/// REFERENCE_CARRIED / CARRY_REF body: id 16 B, length varint, check u32, count varint.
+fn read_reference_carried(body: &[u8]) -> Option<(ChunkId, usize, u32, usize)> {
+    let id = read_id(body)?;
+    let (len, n) = get_varint(&body[16..]).ok()??;
+    let check = u32::from_be_bytes(body.get(16 + n..20 + n)?.try_into().ok()?);
+    let (count, m) = get_varint(&body[20 + n..]).ok()??;
+    (len > 0 && len <= MAX_CHUNK && 20 + n + m == body.len()).then_some((id, len, check, count))
 }
 
 fn read_id(body: &[u8]) -> Option<ChunkId> {

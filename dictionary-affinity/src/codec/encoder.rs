@@ -1,17 +1,23 @@
 //! The encoder: chunks the byte stream, replaces chunks both dictionaries hold with REFERENCE
 //! tokens and adds new ones with DEFINE, and answers the decoder's NACKs.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{varint3, write_frame, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_ZSTD};
+use super::{varint3, write_frame, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_ZSTD, VERSION};
 use crate::chunk::{ChunkId, Chunker, ChunkerConfig, ChunkerConfigError, MAX_CHUNK};
 use crate::store::Store;
 
 /// ABORT reason: a NACKed chunk was no longer held by the encoder.
 pub const ABORT_REPAIR_UNAVAILABLE: u8 = 1;
+
+/// Bytes at the start of a chunk that key the encoder's prefix index (which stored chunk a
+/// soft-flushed carry may be the beginning of).
+const PREFIX_KEY: usize = 32;
+/// A CARRY_REF costs about 30 bytes: shorter runs go as CARRY bytes.
+const MIN_CARRY_REF: usize = 32;
 
 /// How an [`Encoder`] chunks and what it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +65,13 @@ pub struct EncoderStats {
     pub repairs: u64,
     /// Epoch resets started by this encoder.
     pub resets: u64,
+    /// Input bytes sent ahead of their chunk by [`Encoder::flush_soft`] (CARRY and CARRY_REF;
+    /// counted again in `defined_bytes` / `referenced_bytes` when their chunk completes).
+    pub carried_bytes: u64,
+    /// Of `carried_bytes`, those sent as raw CARRY bytes (the rest named a stored chunk).
+    pub carried_raw_bytes: u64,
+    /// Soft flushes that sent something.
+    pub soft_flushes: u64,
 }
 
 impl EncoderStats {
@@ -90,6 +103,19 @@ pub struct Encoder {
     chain: u32,
     /// Input not yet cut into chunks (less than `max` bytes after each call).
     carry: Vec<u8>,
+    /// The first `sent` bytes of `carry` were already sent ahead (CARRY / CARRY_REF): the
+    /// decoder holds them as its carry, the beginning of the chunk that starts `carry`.
+    sent: usize,
+    /// Carried bytes whose chunk went as literal: the next LITERAL_CARRIED drops them.
+    release: usize,
+    /// The stored chunk the carry was last named after (CARRY_REF), if any.
+    carry_src: Option<ChunkId>,
+    /// Hash of a stored chunk's first PREFIX_KEY bytes -> its id (may be stale: checked).
+    prefixes: HashMap<u64, ChunkId>,
+    /// The chunk that followed each stored chunk last time (may be stale: checked).
+    successors: HashMap<ChunkId, ChunkId>,
+    /// The last chunk sent as DEFINE or REFERENCE, if the next one follows it directly.
+    last_chunk: Option<ChunkId>,
     /// Bytes waiting to go out as one LITERAL.
     literal: Vec<u8>,
     /// Recently referenced chunks, oldest first, for REPAIR.
@@ -125,6 +151,12 @@ impl Encoder {
             started: false,
             chain: 0,
             carry: Vec::new(),
+            sent: 0,
+            release: 0,
+            carry_src: None,
+            prefixes: HashMap::new(),
+            successors: HashMap::new(),
+            last_chunk: None,
             literal: Vec::new(),
             recent: VecDeque::new(),
             recent_bytes: 0,
@@ -151,9 +183,15 @@ impl Encoder {
         self.stats
     }
 
-    /// Input bytes held until a chunk boundary (or `flush`).
+    /// Input bytes held until a chunk boundary (or `flush`), including those a
+    /// [`Encoder::flush_soft`] already delivered.
     pub fn pending(&self) -> usize {
         self.carry.len()
+    }
+
+    /// Input bytes not delivered to the decoder yet (what a flush would send).
+    pub fn undelivered(&self) -> usize {
+        self.carry.len() - self.sent
     }
 
     /// Appends the tokens for `input` to `out`. Chunk boundaries depend only on content, so
@@ -177,8 +215,43 @@ impl Encoder {
         self.stats.output_bytes += (out.len() - start) as u64;
     }
 
-    /// Cuts and sends everything held (the stream may pause here), then a CHECKPOINT of the
-    /// store digest if the store changed since the last one.
+    /// Delivers everything held *without* moving chunk boundaries, for a pause in the input
+    /// (the stream goes on later): the chunks already complete in the carry are sent, and the
+    /// rest, the beginning of an unfinished chunk, is sent ahead as CARRY_REF (the same bytes
+    /// as a stored chunk's beginning) and/or CARRY bytes. Both sides keep those as the start
+    /// of the chunk, which completes later where the content says (DEFINE_CARRIED,
+    /// REFERENCE_CARRIED or LITERAL_CARRIED), so a repeat of the same data still meets the
+    /// same chunks wherever the pauses fell. Then a CHECKPOINT if the store changed.
+    pub fn flush_soft(&mut self, out: &mut Vec<u8>) {
+        let start = out.len();
+        self.start(out);
+        let carry = std::mem::take(&mut self.carry);
+        let mut at = 0;
+        // A cut found before the end of the data is final (FastCDC decides a cut from the
+        // bytes before it); one at the end of the data may still move.
+        while at < carry.len() {
+            let n = self.chunker.cut(&carry[at..]);
+            if n == carry.len() - at && n < self.chunker.max() {
+                break;
+            }
+            self.emit_chunk(&carry[at..at + n], out);
+            at += n;
+        }
+        self.carry = carry;
+        self.carry.drain(..at);
+        self.flush_literal(out);
+        if self.sent < self.carry.len() {
+            self.send_ahead(out);
+            self.stats.soft_flushes += 1;
+        }
+        self.checkpoint(out);
+        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    /// Cuts and sends everything held as complete chunks (a hard end: the input ended, or the
+    /// caller wants the next bytes chunked afresh), then a CHECKPOINT of the store digest if
+    /// the store changed since the last one. Content after it is chunked from here on; for a
+    /// mere pause, [`Encoder::flush_soft`] keeps the chunk boundaries where they were.
     pub fn flush(&mut self, out: &mut Vec<u8>) {
         let start = out.len();
         self.start(out);
@@ -191,12 +264,72 @@ impl Encoder {
         }
         self.carry = carry;
         self.carry.clear();
+        debug_assert_eq!(self.sent, 0);
+        self.sent = 0;
+        self.carry_src = None;
         self.flush_literal(out);
+        self.checkpoint(out);
+        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    fn checkpoint(&mut self, out: &mut Vec<u8>) {
         if self.dirty {
             write_frame(out, &mut self.chain, TokenType::Checkpoint as u8, &[&self.store.digest().to_be_bytes()]);
             self.dirty = false;
         }
-        self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    /// Sends `carry[sent..]` ahead: as much as matches a stored chunk at the same offsets as
+    /// CARRY_REF, the rest as CARRY.
+    fn send_ahead(&mut self, out: &mut Vec<u8>) {
+        let end = self.carry.len();
+        if self.carry_src.is_none() {
+            // Candidates: the chunk that followed the previous one last time, and the last
+            // chunk stored that began with the same bytes; the longer match wins.
+            let mut best = (0, None);
+            let by_prefix = (end >= PREFIX_KEY).then(|| self.prefixes.get(&prefix_key(&self.carry)).copied()).flatten();
+            let next = self.last_chunk.and_then(|prev| self.successors.get(&prev).copied());
+            for id in [next, by_prefix].into_iter().flatten() {
+                if let Some(c) = self.store.get(id) {
+                    let k = common_prefix(&c.bytes()[self.sent.min(c.bytes().len())..], &self.carry[self.sent..]);
+                    if k > best.0 {
+                        best = (k, Some(id));
+                    }
+                }
+            }
+            self.carry_src = best.1;
+        }
+        if let Some(id) = self.carry_src {
+            match self.store.get(id) {
+                Some(c) if c.bytes().len() > self.sent => {
+                    let (bytes, check) = (c.bytes().clone(), c.check());
+                    let k = common_prefix(&bytes[self.sent..], &self.carry[self.sent..]);
+                    if k >= MIN_CARRY_REF {
+                        let (len, n) = varint3(bytes.len());
+                        let (count, m) = varint3(k);
+                        write_frame(
+                            out,
+                            &mut self.chain,
+                            TokenType::CarryRef as u8,
+                            &[&id.to_bytes(), &len[..n], &check.to_be_bytes(), &count[..m]],
+                        );
+                        self.remember(id, bytes);
+                        self.sent += k;
+                        self.stats.carried_bytes += k as u64;
+                    }
+                }
+                Some(_) => {}
+                None => self.carry_src = None,
+            }
+        }
+        if self.sent < end {
+            let carry = std::mem::take(&mut self.carry);
+            self.write_chunk(TokenType::Carry, &[], &carry[self.sent..], out);
+            self.stats.carried_bytes += (end - self.sent) as u64;
+            self.stats.carried_raw_bytes += (end - self.sent) as u64;
+            self.carry = carry;
+            self.sent = end;
+        }
     }
 
     /// Answers a NACK from the decoder: REPAIR for a missing or mismatching chunk, then a RESET
@@ -253,6 +386,9 @@ impl Encoder {
     fn new_epoch(&mut self, out: &mut Vec<u8>) {
         let epoch = self.store.epoch().wrapping_add(1);
         self.store.reset(epoch);
+        self.prefixes.clear();
+        self.successors.clear();
+        self.last_chunk = None;
         write_frame(out, &mut self.chain, TokenType::Reset as u8, &[&epoch.to_be_bytes()]);
         self.dirty = false;
         self.stats.resets += 1;
@@ -263,6 +399,7 @@ impl Encoder {
             self.started = true;
             let flags = if self.zstd.is_some() { FLAG_ZSTD } else { 0 };
             let header = StreamHeader {
+                version: VERSION,
                 flags,
                 epoch: self.store.epoch(),
                 budget: self.store.budget(),
@@ -272,9 +409,20 @@ impl Encoder {
         }
     }
 
+    /// Bytes of a chunk that go as literal: the carried ones are only released.
+    fn literal_chunk(&mut self, bytes: &[u8], carried: usize) {
+        self.release += carried;
+        self.literal.extend_from_slice(&bytes[carried..]);
+    }
+
     fn emit_chunk(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        // The chunk starts the carry: its first `carried` bytes were sent ahead.
+        let carried = self.sent.min(bytes.len());
+        self.sent -= carried;
+        self.carry_src = None;
+        let prev = self.last_chunk.take();
         if bytes.len() < self.config.min_define {
-            self.literal.extend_from_slice(bytes);
+            self.literal_chunk(bytes, carried);
             return;
         }
         let id = ChunkId::of(bytes);
@@ -282,19 +430,30 @@ impl Encoder {
             // Compare the bytes, not just the hash: a collision must never become a reference.
             if held.bytes()[..] != *bytes {
                 self.stats.collisions += 1;
-                self.literal.extend_from_slice(bytes);
+                self.literal_chunk(bytes, carried);
                 return;
             }
             let (held, check) = (held.bytes().clone(), held.check());
             self.flush_literal(out);
             self.store.touch(id);
+            self.index_chunk(prev, id, bytes);
             let (len, n) = varint3(bytes.len());
-            write_frame(
-                out,
-                &mut self.chain,
-                TokenType::Reference as u8,
-                &[&id.to_bytes(), &len[..n], &check.to_be_bytes()],
-            );
+            if carried == 0 {
+                write_frame(
+                    out,
+                    &mut self.chain,
+                    TokenType::Reference as u8,
+                    &[&id.to_bytes(), &len[..n], &check.to_be_bytes()],
+                );
+            } else {
+                let (c, m) = varint3(carried);
+                write_frame(
+                    out,
+                    &mut self.chain,
+                    TokenType::ReferenceCarried as u8,
+                    &[&id.to_bytes(), &len[..n], &check.to_be_bytes(), &c[..m]],
+                );
+            }
             self.remember(id, held);
             self.stats.references += 1;
             self.stats.referenced_bytes += bytes.len() as u64;
@@ -302,12 +461,21 @@ impl Encoder {
             return;
         }
         if !self.store.fits(bytes.len()) {
-            self.literal.extend_from_slice(bytes);
+            self.literal_chunk(bytes, carried);
             return;
         }
         self.flush_literal(out);
         self.store.define(id, Arc::from(bytes));
-        self.write_chunk(TokenType::Define, &id.to_bytes(), bytes, out);
+        self.index_chunk(prev, id, bytes);
+        if carried == 0 {
+            self.write_chunk(TokenType::Define, &id.to_bytes(), bytes, out);
+        } else {
+            let (c, m) = varint3(carried);
+            let mut prefix = [0u8; 19];
+            prefix[..16].copy_from_slice(&id.to_bytes());
+            prefix[16..16 + m].copy_from_slice(&c[..m]);
+            self.write_chunk(TokenType::DefineCarried, &prefix[..16 + m], &bytes[carried..], out);
+        }
         self.stats.defines += 1;
         self.stats.defined_bytes += bytes.len() as u64;
         self.dirty = true;
@@ -322,7 +490,35 @@ impl Encoder {
         }
     }
 
+    /// Remembers, for `send_ahead`, which stored chunk starts with these bytes and which one
+    /// followed `prev`.
+    fn index_chunk(&mut self, prev: Option<ChunkId>, id: ChunkId, bytes: &[u8]) {
+        self.last_chunk = Some(id);
+        if let Some(prev) = prev {
+            self.successors.insert(prev, id);
+        }
+        if bytes.len() >= PREFIX_KEY {
+            self.prefixes.insert(prefix_key(bytes), id);
+        }
+        let limit = 2 * self.store.len() + 1024;
+        if self.prefixes.len() > limit || self.successors.len() > limit {
+            let store = &self.store;
+            self.prefixes.retain(|_, id| store.contains(*id));
+            self.successors.retain(|prev, id| store.contains(*prev) && store.contains(*id));
+        }
+    }
+
     fn flush_literal(&mut self, out: &mut Vec<u8>) {
+        if self.release > 0 {
+            // The carried bytes of a chunk that went as literal: the first piece releases them.
+            let (c, m) = varint3(std::mem::take(&mut self.release));
+            let literal = std::mem::take(&mut self.literal);
+            let first = literal.len().min(MAX_CHUNK - 4);
+            self.stats.literal_bytes += first as u64;
+            self.write_chunk(TokenType::LiteralCarried, &c[..m], &literal[..first], out);
+            self.literal = literal;
+            self.literal.drain(..first);
+        }
         if self.literal.is_empty() {
             return;
         }
@@ -349,4 +545,12 @@ impl Encoder {
         }
         write_frame(out, &mut self.chain, ty as u8, &[prefix, bytes]);
     }
+}
+
+fn prefix_key(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&bytes[..PREFIX_KEY])
+}
+
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

@@ -45,6 +45,19 @@ pub fn run_link(
     flush_after: &[usize],
     wire_split: usize,
 ) -> Result<LinkResult, (LinkResult, LinkError)> {
+    run_link_soft(enc, dec, pieces, flush_after, &[], wire_split)
+}
+
+/// [`run_link`], also soft-flushing (`Encoder::flush_soft`) after each piece whose index is in
+/// `soft_after` (after the hard flush if both name it; twice if it is named twice).
+pub fn run_link_soft(
+    enc: &mut Encoder,
+    dec: &mut Decoder,
+    pieces: &[&[u8]],
+    flush_after: &[usize],
+    soft_after: &[usize],
+    wire_split: usize,
+) -> Result<LinkResult, (LinkResult, LinkError)> {
     let mut r = LinkResult::default();
     let mut wire = Vec::new();
     let mut sent = 0;
@@ -69,6 +82,9 @@ pub fn run_link(
             enc.encode(pieces[i], wire);
             if flush_after.contains(&i) {
                 enc.flush(wire);
+            }
+            for _ in soft_after.iter().filter(|&&s| s == i) {
+                enc.flush_soft(wire);
             }
             pump(enc, wire, r)
         }

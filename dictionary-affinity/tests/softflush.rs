@@ -1,0 +1,169 @@
+//! Soft flushes (`Encoder::flush_soft`): the pending bytes are delivered at once, but chunk
+//! boundaries stay where the content puts them, so a repeat of the same data costs the same
+//! wherever the pauses fell in either pass.
+
+mod common;
+
+use common::{html_records, pair, run_link, run_link_soft, split_at, Rng, SMALL_CHUNKS};
+use dictionary_affinity::{ChunkerConfig, EncoderConfig};
+use proptest::prelude::*;
+
+fn input() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..60_000),
+        proptest::collection::vec(any::<u8>(), 0..100),
+        (0usize..150_000).prop_map(|n| vec![0u8; n]),
+        (any::<u64>(), 1usize..20_000, 2usize..6).prop_map(|(seed, len, times)| {
+            let seg = Rng(seed).bytes(len);
+            seg.repeat(times)
+        }),
+        (any::<u64>(), 0usize..80_000).prop_map(|(seed, n)| html_records(n, seed)),
+    ]
+}
+
+fn chunker() -> impl Strategy<Value = ChunkerConfig> {
+    prop_oneof![Just(ChunkerConfig::default()), Just(SMALL_CHUNKS)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::cases(128), ..ProptestConfig::default() })]
+
+    /// Many soft flushes (in the middle of chunks, several in a row with no input between,
+    /// mixed with hard ones), any wire split: exact output, stores identical, no carry left
+    /// after the final (hard) flush.
+    #[test]
+    fn round_trip_with_soft_flushes(
+        data in input(),
+        chunker in chunker(),
+        zstd in any::<bool>(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..40),
+        soft in proptest::collection::vec(0usize..41, 0..60),
+        hard in proptest::collection::vec(0usize..41, 0..3),
+        wire_split in prop_oneof![Just(1usize), 2usize..64, 64usize..70_000],
+    ) {
+        let (mut enc, mut dec) = pair(1 << 24, EncoderConfig { chunker, zstd, ..EncoderConfig::default() });
+        let pieces = split_at(&data, &cuts);
+        let r = run_link_soft(&mut enc, &mut dec, &pieces, &hard, &soft, wire_split).expect("clean link");
+        prop_assert!(r.output == data, "output differs ({} vs {} bytes)", r.output.len(), data.len());
+        prop_assert!(r.nacks.is_empty());
+        prop_assert!(enc.store() == dec.store());
+        prop_assert_eq!(dec.carried(), 0);
+        prop_assert_eq!(enc.pending(), 0);
+    }
+
+    /// The same data twice, soft flushes at random points in both passes: the second pass
+    /// defines nothing and costs what a pass without any flush costs, plus a few dozen bytes
+    /// per flush.
+    #[test]
+    fn repeat_costs_the_same_wherever_soft_flushes_fall(
+        seed in any::<u64>(),
+        html in any::<bool>(),
+        small in any::<bool>(),
+        cuts_a in proptest::collection::vec(any::<usize>(), 0..60),
+        cuts_b in proptest::collection::vec(any::<usize>(), 0..60),
+    ) {
+        let data = if html { html_records(300_000, seed) } else { Rng(seed).bytes(300_000) };
+        let chunker = if small { SMALL_CHUNKS } else { ChunkerConfig::default() };
+        let cfg = EncoderConfig { chunker, ..EncoderConfig::default() };
+        // Reference: the same two passes without flushes.
+        let (mut enc0, mut dec0) = pair(1 << 26, cfg);
+        run_link(&mut enc0, &mut dec0, &[&data], &[], 1 << 16).unwrap();
+        let quiet = run_link(&mut enc0, &mut dec0, &[&data], &[], 1 << 16).unwrap().wire_bytes;
+
+        let (mut enc, mut dec) = pair(1 << 26, cfg);
+        let (a, b) = (split_at(&data, &cuts_a), split_at(&data, &cuts_b));
+        let soft_a: Vec<usize> = (0..a.len()).collect();
+        let soft_b: Vec<usize> = (0..b.len()).collect();
+        let r = run_link_soft(&mut enc, &mut dec, &a, &[], &soft_a, 1 << 16).unwrap();
+        prop_assert!(r.output == data);
+        let before = enc.stats();
+        let r = run_link_soft(&mut enc, &mut dec, &b, &[], &soft_b, 1 << 16).unwrap();
+        prop_assert!(r.output == data);
+        let after = enc.stats();
+        prop_assert_eq!(after.defines, before.defines, "no new chunk on the second pass");
+        prop_assert!(after.literal_bytes - before.literal_bytes < 64);
+        prop_assert!(enc.store() == dec.store());
+        let flushes = b.len();
+        prop_assert!(
+            r.wire_bytes <= quiet + 80 * flushes,
+            "second pass {} B with {} soft flushes, {} B without", r.wire_bytes, flushes, quiet
+        );
+    }
+}
+
+#[test]
+fn repeated_soft_flushes_without_input_send_nothing() {
+    let data = html_records(50_000, 9);
+    let (mut enc, mut dec) = pair(1 << 24, EncoderConfig::default());
+    let mut wire = Vec::new();
+    let mut out = Vec::new();
+    enc.encode(&data[..20_000], &mut wire);
+    enc.flush_soft(&mut wire);
+    assert_eq!(enc.undelivered(), 0);
+    let len = wire.len();
+    enc.flush_soft(&mut wire);
+    enc.flush_soft(&mut wire);
+    assert_eq!(wire.len(), len, "nothing new to send");
+    dec.decode(&wire, &mut out).unwrap();
+    assert_eq!(out, data[..20_000], "everything delivered at once");
+    assert_eq!(dec.carried(), enc.pending(), "both sides hold the unfinished chunk's start");
+    assert!(enc.pending() > 0 && enc.pending() < 32 * 1024);
+    wire.clear();
+    enc.encode(&data[20_000..], &mut wire);
+    enc.flush(&mut wire);
+    dec.decode(&wire, &mut out).unwrap();
+    dec.finish().unwrap();
+    assert_eq!(out, data);
+    assert!(enc.store() == dec.store());
+    assert_eq!(dec.carried(), 0);
+}
+
+#[test]
+fn a_soft_flush_at_a_chunk_boundary_leaves_no_carry() {
+    let data = Rng(5).bytes(200_000);
+    let cuts: Vec<usize> = dictionary_affinity::Chunker::default().chunks(&data).map(<[u8]>::len).collect();
+    let first_two = cuts[0] + cuts[1];
+    let (mut enc, mut dec) = pair(1 << 24, EncoderConfig::default());
+    let mut wire = Vec::new();
+    let mut out = Vec::new();
+    // The boundary is only known once a little of the next chunk is held (two bytes: FastCDC
+    // tests cut points in pairs).
+    enc.encode(&data[..first_two + 2], &mut wire);
+    enc.flush_soft(&mut wire);
+    dec.decode(&wire, &mut out).unwrap();
+    assert_eq!(enc.stats().defines, 2);
+    assert_eq!((enc.pending(), dec.carried()), (2, 2));
+    wire.clear();
+    enc.encode(&data[first_two + 2..], &mut wire);
+    enc.flush(&mut wire);
+    dec.decode(&wire, &mut out).unwrap();
+    assert_eq!(out, data);
+    assert_eq!(enc.stats().defines as usize, cuts.len());
+}
+
+/// The decoder lost its dictionary: the carried tokens of a warm encoder (CARRY_REF and
+/// REFERENCE_CARRIED to chunks the decoder lacks) are NACKed, REPAIRed with whole chunks, and
+/// the output stays exact; the stores are back in step after the RESET.
+#[test]
+fn carried_references_to_lost_chunks_are_repaired() {
+    let data = html_records(400_000, 3);
+    let cfg = EncoderConfig { chunker: SMALL_CHUNKS, ..EncoderConfig::default() };
+    let (mut enc, mut dec) = pair(1 << 24, cfg);
+    run_link(&mut enc, &mut dec, &[&data], &[], 1 << 16).unwrap();
+    // The next stream: the encoder keeps its dictionary, the decoder starts from nothing.
+    let mut enc = dictionary_affinity::Encoder::new(enc.into_store(), cfg).unwrap();
+    let mut dec = dictionary_affinity::Decoder::new(
+        dictionary_affinity::Store::new(1 << 24),
+        dictionary_affinity::DecoderConfig::default(),
+    );
+    let cuts: Vec<usize> = (1..40).map(|i| i * 9_973 + 17).collect();
+    let pieces = split_at(&data, &cuts);
+    let soft: Vec<usize> = (0..pieces.len()).collect();
+    let r = run_link_soft(&mut enc, &mut dec, &pieces, &[], &soft, 777).unwrap();
+    assert!(r.output == data);
+    assert!(!r.nacks.is_empty());
+    let s = enc.stats();
+    assert!(s.repairs > 0 && s.resets > 0, "{s:?}");
+    assert!(s.carried_bytes > s.carried_raw_bytes, "some CARRY_REF: {s:?}");
+    assert!(enc.store() == dec.store());
+}
