@@ -93,6 +93,17 @@ pub enum RepairError {
     Unavailable(ChunkId),
 }
 
+/// How far [`Encoder::emit_chunks`] cuts the carry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cuts {
+    /// While a whole chunker window is held (a cut there cannot depend on bytes to come).
+    WholeWindows,
+    /// Every cut that more input could not move (a soft flush).
+    Final,
+    /// Everything, the tail as a chunk of its own (a hard end).
+    All,
+}
+
 /// The encoding half of a proxy chain: owns the pair's [`Store`] while the stream lasts.
 pub struct Encoder {
     store: Store,
@@ -201,16 +212,7 @@ impl Encoder {
         self.start(out);
         self.stats.input_bytes += input.len() as u64;
         self.carry.extend_from_slice(input);
-        let carry = std::mem::take(&mut self.carry);
-        let max = self.chunker.max();
-        let mut at = 0;
-        while carry.len() - at >= max {
-            let n = self.chunker.cut(&carry[at..]);
-            self.emit_chunk(&carry[at..at + n], out);
-            at += n;
-        }
-        self.carry = carry;
-        self.carry.drain(..at);
+        self.emit_chunks(Cuts::WholeWindows, out);
         self.flush_literal(out);
         self.stats.output_bytes += (out.len() - start) as u64;
     }
@@ -225,20 +227,7 @@ impl Encoder {
     pub fn flush_soft(&mut self, out: &mut Vec<u8>) {
         let start = out.len();
         self.start(out);
-        let carry = std::mem::take(&mut self.carry);
-        let mut at = 0;
-        // A cut found before the end of the data is final (FastCDC decides a cut from the
-        // bytes before it); one at the end of the data may still move.
-        while at < carry.len() {
-            let n = self.chunker.cut(&carry[at..]);
-            if n == carry.len() - at && n < self.chunker.max() {
-                break;
-            }
-            self.emit_chunk(&carry[at..at + n], out);
-            at += n;
-        }
-        self.carry = carry;
-        self.carry.drain(..at);
+        self.emit_chunks(Cuts::Final, out);
         self.flush_literal(out);
         if self.sent < self.carry.len() {
             self.send_ahead(out);
@@ -255,21 +244,37 @@ impl Encoder {
     pub fn flush(&mut self, out: &mut Vec<u8>) {
         let start = out.len();
         self.start(out);
-        let carry = std::mem::take(&mut self.carry);
-        let mut at = 0;
-        while at < carry.len() {
-            let n = self.chunker.cut(&carry[at..]);
-            self.emit_chunk(&carry[at..at + n], out);
-            at += n;
-        }
-        self.carry = carry;
-        self.carry.clear();
+        self.emit_chunks(Cuts::All, out);
+        debug_assert!(self.carry.is_empty());
         debug_assert_eq!(self.sent, 0);
         self.sent = 0;
         self.carry_src = None;
         self.flush_literal(out);
         self.checkpoint(out);
         self.stats.output_bytes += (out.len() - start) as u64;
+    }
+
+    /// Cuts chunks off the front of the carry and sends them, as far as `cuts` allows.
+    fn emit_chunks(&mut self, cuts: Cuts, out: &mut Vec<u8>) {
+        let carry = std::mem::take(&mut self.carry);
+        let max = self.chunker.max();
+        let mut at = 0;
+        loop {
+            let rest = carry.len() - at;
+            if rest == 0 || (cuts == Cuts::WholeWindows && rest < max) {
+                break;
+            }
+            let n = self.chunker.cut(&carry[at..]);
+            // A cut found before the end of the data is final (FastCDC decides a cut from the
+            // bytes before it); one at the end of the data may still move.
+            if cuts == Cuts::Final && n == rest && n < max {
+                break;
+            }
+            self.emit_chunk(&carry[at..at + n], out);
+            at += n;
+        }
+        self.carry = carry;
+        self.carry.drain(..at);
     }
 
     fn checkpoint(&mut self, out: &mut Vec<u8>) {
