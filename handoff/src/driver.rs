@@ -147,8 +147,9 @@ impl Driver {
     }
 
     /// Marks accepted packets of local flows with these mark bits (0, the default: never),
-    /// for the kernel fast path: a later netfilter chain copies them into the conntrack mark,
-    /// and packets whose connection carries them skip the queue (lb's `rules.rs`).
+    /// for the kernel fast path: a later netfilter chain adds the packet's flow to a timed
+    /// set and clears the bits, and later packets of flows in the set skip the queue until
+    /// the entry times out (lb's `rules.rs`).
     pub fn with_fast_path_mark(mut self, bits: u32) -> Driver {
         self.fast_path_mark = bits;
         self
@@ -322,8 +323,8 @@ impl Driver {
                 Output::Remove { connection } => cp.remove(&connection),
                 Output::Accept { packet, modified, local } => {
                     let v = if modified { NfVerdict::AcceptModified(packet.buf) } else { NfVerdict::Accept };
-                    // Only set, never cleared here: the queueing chain clears the
-                    // connection's bit before it queues a packet.
+                    // Only set here; the chain after the raw table clears it once it has
+                    // refreshed the flow's entry in the fast path's set.
                     let mark = (local && self.fast_path_mark != 0).then(|| packet.queued.mark() | self.fast_path_mark);
                     if self.dev.queue.verdict_with_mark(packet.queued, v, mark).is_err() {
                         self.io_errors += 1;

@@ -350,11 +350,12 @@ pub struct Dataplane {
     /// them yourself).
     #[serde(default = "default_true")]
     pub manage_rules: bool,
-    /// Later packets of this member's own flows skip user space (conntrack mark), except
-    /// TCP SYN/FIN/RST and one packet per flow every `fast_path_sample_ms`.
+    /// Later packets of this member's own flows skip user space (an nftables set of flows,
+    /// timed), except TCP SYN/FIN/RST and about one packet per flow direction every
+    /// `fast_path_sample_ms`.
     #[serde(default = "default_true")]
     pub fast_path: bool,
-    /// The packet and conntrack mark bit(s) the fast path uses; reserved for lb.
+    /// The packet mark bit(s) the fast path uses between the verdict and its set; reserved for lb.
     #[serde(default = "default_fast_path_mark")]
     pub fast_path_mark: u32,
     /// A fast-path flow still sends one packet to user space this often (idle timers).
@@ -910,6 +911,19 @@ impl Dataplane {
                 return Err(invalid(format!("dataplane.{key}"), "must be at least 1"));
             }
         }
+        // Between samples the tracker sees nothing of a fast-path flow: the idle timers must
+        // be well above the sample period, or live flows are removed as idle.
+        let idle = self.udp_idle_ms.min(self.tcp_idle_ms).min(self.half_closed_ms);
+        if self.fast_path && (self.fast_path_sample_ms > 60_000 || 2 * self.fast_path_sample_ms > idle) {
+            return Err(invalid(
+                "dataplane.fast_path_sample_ms",
+                format!(
+                    "must be at most 60000 and at most half the shortest idle timer (udp_idle_ms, tcp_idle_ms, \
+                     half_closed_ms: {idle} ms), got {}",
+                    self.fast_path_sample_ms
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -1109,5 +1123,27 @@ owners = ["198.18.0.21", "198.18.0.22"]
         assert!(e.contains("dataplane.owners") && e.contains("not among the owners"), "{e}");
         let e = err(BASE.replace("\"affinity\"", "\"best\""));
         assert!(e.contains("dataplane.policy") && e.contains("pair-rendezvous"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_period_stays_well_below_the_idle_timers() {
+        let dp = |extra: &str| -> Result<(), ConfigError> {
+            let d: Dataplane = toml::from_str(&format!("intercept_tcp_ports = [80]\n{extra}")).unwrap();
+            d.validate()
+        };
+        dp("").unwrap();
+        dp("fast_path_sample_ms = 15000").unwrap();
+        let e = dp("fast_path_sample_ms = 20000").unwrap_err().to_string();
+        assert!(e.contains("dataplane.fast_path_sample_ms") && e.contains("30000 ms"), "{e}");
+        let e = dp("half_closed_ms = 1500").unwrap_err().to_string();
+        assert!(e.contains("fast_path_sample_ms"), "{e}");
+        dp("half_closed_ms = 1500\nfast_path = false").unwrap();
+        dp("half_closed_ms = 1500\nfast_path_sample_ms = 500").unwrap();
+        assert!(dp("fast_path_sample_ms = 60001\nudp_idle_ms = 600000\nhalf_closed_ms = 600000").is_err());
     }
 }

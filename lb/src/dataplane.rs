@@ -120,23 +120,17 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
         },
         classifier,
     );
-    let driver = Driver::new(engine, Devices { queue, tunnel, tun })?.with_fast_path_mark(if d.fast_path {
-        d.fast_path_mark
-    } else {
-        0
-    });
+    let driver = Driver::new(engine, Devices { queue, tunnel, tun })?;
     let waker = driver.waker();
     mesh.set_install_listener(Box::new(move |c| waker.on_install(c)));
     let stats = driver.stats();
+    // Without lb's own rules the operator's rules decide; lb marks as configured.
+    let mut fast_path = d.fast_path;
     if d.manage_rules {
-        rules::install(d)?;
-        tracing::info!(
-            queue = d.queue,
-            fast_path = d.fast_path,
-            "netfilter rules installed (nftables table inet {})",
-            rules::TABLE
-        );
+        fast_path = rules::install(d)?;
+        tracing::info!(queue = d.queue, fast_path, "netfilter rules installed (nftables table inet {})", rules::TABLE);
     }
+    let driver = driver.with_fast_path_mark(if fast_path { d.fast_path_mark } else { 0 });
     let stop = Arc::new(AtomicBool::new(false));
     let control = MeshControl(mesh.clone());
     let s = stop.clone();

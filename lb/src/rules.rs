@@ -160,8 +160,25 @@ fn tool(v6: bool) -> (&'static str, &'static str) {
     }
 }
 
-/// Installs the rules of both families (removing any left by an earlier run first).
-pub fn install(d: &Dataplane) -> anyhow::Result<()> {
+/// Installs the rules of both families (removing any left by an earlier run first). Returns
+/// whether the fast path is on: when `nft` is missing or refuses the table (kernels before
+/// 5.4 cannot look up dynamic sets), the data plane runs without it, every packet of the
+/// intercepted ports through the queue, rather than not at all.
+pub fn install(d: &Dataplane) -> anyhow::Result<bool> {
+    install_iptables(d)?;
+    if !d.fast_path {
+        return Ok(false);
+    }
+    if let Err(e) = apply_fast_path_table(d) {
+        tracing::warn!(error = %e, "fast path unavailable: every intercepted packet goes through the queue");
+        let slow = Dataplane { fast_path: false, ..d.clone() };
+        install_iptables(&slow)?;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+fn install_iptables(d: &Dataplane) -> anyhow::Result<()> {
     remove();
     for v6 in [false, true] {
         let (_, restore) = tool(v6);
@@ -178,12 +195,6 @@ pub fn install(d: &Dataplane) -> anyhow::Result<()> {
         let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!("{restore} refused the rules: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-    }
-    if d.fast_path {
-        if let Err(e) = apply_fast_path_table(d) {
-            remove();
-            return Err(e);
         }
     }
     Ok(())

@@ -487,6 +487,11 @@ impl Encoder {
     }
 
     fn remember(&mut self, id: ChunkId, bytes: Arc<[u8]>) {
+        // Soft flushes name the same chunk again and again while it completes: counting it
+        // each time would push older chunks out of the repair window for nothing.
+        if self.recent.back().is_some_and(|(last, _)| *last == id) {
+            return;
+        }
         self.recent_bytes += bytes.len();
         self.recent.push_back((id, bytes));
         while self.recent_bytes > self.config.repair_window {
