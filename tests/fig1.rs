@@ -392,3 +392,33 @@ fn fig1_asymmetric_return_ipv6() {
 fn fig1_delayed_install_is_held_and_restart_rejoins_ipv4() {
     run_fig1_delayed_install_and_restart(&V4);
 }
+
+/// Without a usable `nft` (missing here; a kernel before 5.4 refuses the table the same way)
+/// the member still runs its data plane, warned, with every intercepted packet queued.
+#[test]
+fn without_nft_the_data_plane_runs_without_the_fast_path() {
+    let ns = Netns::new("f1n").unwrap();
+    ns.sh("ip addr add 198.18.9.1/32 dev lo").unwrap();
+    let dir = std::env::temp_dir().join(format!("lb-nonft-{}", ns.name()));
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    // A PATH with everything lb runs but nft.
+    for tool in ["iptables", "iptables-restore", "ip6tables", "ip6tables-restore", "ip"] {
+        let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not installed"));
+        std::os::unix::fs::symlink(found, dir.join("bin").join(tool)).unwrap();
+    }
+    let config = "[node]\naddress = \"198.18.9.1\"\n[cluster]\nplaintext = true\nmembers = [\"198.18.9.1\"]\n\
+                  [admin]\nlisten = \"127.0.0.1:9741\"\n[dataplane]\nqueue = 5\nintercept_tcp_ports = [80]\n";
+    let path = dir.join("bin").to_string_lossy().to_string();
+    let mut m = Member::start_with_env(&ns, &dir, "nonft", config, &[("PATH", &path)]);
+    assert!(m.log().contains("fast path unavailable"), "{}", m.log());
+    let raw = ns.sh("iptables -t raw -S LB-PRE").unwrap();
+    assert!(raw.contains("NFQUEUE") && !raw.contains("mark"), "no fast-path RETURN rule:\n{raw}");
+    assert_eq!(metric(&ns, "lb_dataplane_up"), 1);
+    m.terminate();
+    assert!(ns.sh("iptables -t raw -S").unwrap().lines().all(|l| !l.contains("LB-")), "rules removed");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,6 +31,11 @@ impl LbProcess {
     /// Writes `config` to `dir/NAME.toml`, starts `lb run` in `ns` (log in `dir/NAME.log`) and
     /// waits for its `/ready`.
     pub fn start(ns: &Netns, dir: &Path, name: &str, config: &str) -> LbProcess {
+        Self::start_with_env(ns, dir, name, config, &[])
+    }
+
+    /// [`LbProcess::start`] with extra environment variables.
+    pub fn start_with_env(ns: &Netns, dir: &Path, name: &str, config: &str, env: &[(&str, &str)]) -> LbProcess {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join(format!("{name}.log"));
@@ -40,6 +45,7 @@ impl LbProcess {
                     .args(["run", "--config"])
                     .arg(&cfg)
                     .env("RUST_LOG", "info")
+                    .envs(env.iter().copied())
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(std::fs::File::create(&log).unwrap()),
