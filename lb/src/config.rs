@@ -355,12 +355,22 @@ pub struct Dataplane {
     /// `fast_path_sample_ms`.
     #[serde(default = "default_true")]
     pub fast_path: bool,
-    /// The packet mark bit(s) the fast path uses between the verdict and its set; reserved for lb.
+    /// The packet mark bit the daemon's verdict sets for the fast path (one bit, at most
+    /// 0x40000000); the fast path also uses the next higher bit. Both are reserved for lb.
     #[serde(default = "default_fast_path_mark")]
     pub fast_path_mark: u32,
     /// A fast-path flow still sends one packet to user space this often (idle timers).
     #[serde(default = "default_fast_path_sample_ms")]
     pub fast_path_sample_ms: u64,
+}
+
+impl Dataplane {
+    /// The fast path's two mark bits: the verdict bit (`fast_path_mark`, set by the daemon on
+    /// packets of local flows) and the next higher one (set by the table on packets that skip
+    /// the queue).
+    pub fn fast_path_bits(&self) -> (u32, u32) {
+        (self.fast_path_mark, self.fast_path_mark << 1)
+    }
 }
 
 /// One bypass rule: `{ net = "203.0.113.0/24", port = 443 }` (port optional).
@@ -673,10 +683,14 @@ impl Config {
             _ => {}
         }
         if let (Some(d), Some(p)) = (&c.dataplane, &c.proxy) {
-            if d.fast_path && d.fast_path_mark & p.tproxy_mark != 0 {
+            let (verdict, fast) = d.fast_path_bits();
+            if d.fast_path && (verdict | fast) & p.tproxy_mark != 0 {
                 return Err(invalid(
                     "dataplane.fast_path_mark",
-                    format!("{:#x} shares bits with proxy.tproxy_mark {:#x}", d.fast_path_mark, p.tproxy_mark),
+                    format!(
+                        "{:#x} (and the next bit, {fast:#x}) shares bits with proxy.tproxy_mark {:#x}",
+                        d.fast_path_mark, p.tproxy_mark
+                    ),
                 ));
             }
         }
@@ -910,6 +924,15 @@ impl Dataplane {
             if v == 0 {
                 return Err(invalid(format!("dataplane.{key}"), "must be at least 1"));
             }
+        }
+        if self.fast_path && !(self.fast_path_mark.is_power_of_two() && self.fast_path_mark <= 0x4000_0000) {
+            return Err(invalid(
+                "dataplane.fast_path_mark",
+                format!(
+                    "must be a single bit no higher than 0x40000000 (the next bit is used too), got {:#x}",
+                    self.fast_path_mark
+                ),
+            ));
         }
         // Between samples the tracker sees nothing of a fast-path flow: the idle timers must
         // be well above the sample period, or live flows are removed as idle.
@@ -1145,5 +1168,10 @@ mod fast_path_tests {
         dp("half_closed_ms = 1500\nfast_path = false").unwrap();
         dp("half_closed_ms = 1500\nfast_path_sample_ms = 500").unwrap();
         assert!(dp("fast_path_sample_ms = 60001\nudp_idle_ms = 600000\nhalf_closed_ms = 600000").is_err());
+        dp("fast_path_mark = 0x100").unwrap();
+        for bad in ["0x300", "0x80000000"] {
+            let e = dp(&format!("fast_path_mark = {bad}")).unwrap_err().to_string();
+            assert!(e.contains("dataplane.fast_path_mark") && e.contains("single bit"), "{e}");
+        }
     }
 }

@@ -16,12 +16,14 @@
 //! whose chains run just before (-301) and just after (-299) the raw table:
 //!
 //! - the daemon's accept verdict for a packet of this member's own flow, classified on
-//!   arrival, sets the packet mark bit `fast_path_mark`;
-//! - `mark_pre`/`mark_out` (-299, right after the verdict) add the packet's flow, in its
-//!   direction (protocol, addresses, ports), to the set `local4` or `local6` with a timeout
-//!   of `fast_path_sample_ms`, and clear the bit from the packet;
-//! - `fast_pre`/`fast_out` (-301) set the bit on packets whose flow is in the set, except
-//!   TCP SYN, FIN and RST; LB-PRE/LB-OUT return early for packets with the bit.
+//!   arrival, sets the packet mark bit `fast_path_mark` (the verdict bit);
+//! - `mark_pre`/`mark_out` (-299, right after the verdict) add the flow of a packet with the
+//!   verdict bit, in its direction (protocol, addresses, ports), to the set `local4` or
+//!   `local6` with a timeout of `fast_path_sample_ms`, and clear both bits from every packet;
+//! - `fast_pre`/`fast_out` (-301) set the next higher bit (the fast bit) on packets whose
+//!   flow is in the set, except TCP SYN, FIN and RST; LB-PRE/LB-OUT return early for packets
+//!   with the fast bit. Two bits, so that a fast-pathed packet reaching `mark_pre` just after
+//!   its element expired cannot re-add the flow: only a verdict does.
 //!
 //! So a local flow's packets skip user space until its set element times out: then one
 //! packet is queued again and its verdict re-adds the flow (`add` does not refresh the
@@ -64,7 +66,7 @@ pub fn ruleset(d: &Dataplane, v6: bool) -> String {
     let _ = writeln!(s, "-A {PRE_CHAIN} -i {} -j RETURN", d.tun);
     if d.fast_path {
         // Packets of local flows the fast path lets through (table inet lb).
-        let m = d.fast_path_mark;
+        let (_, m) = d.fast_path_bits();
         for chain in [PRE_CHAIN, OUT_CHAIN] {
             let _ = writeln!(s, "-A {chain} -m mark --mark {m:#x}/{m:#x} -j RETURN");
         }
@@ -97,7 +99,8 @@ pub fn fast_path_table(d: &Dataplane) -> String {
     if !d.fast_path {
         return String::new();
     }
-    let (m, clear, t) = (d.fast_path_mark, !d.fast_path_mark, d.fast_path_sample_ms);
+    let ((verdict, fast), t) = (d.fast_path_bits(), d.fast_path_sample_ms);
+    let clear = !(verdict | fast);
     let mut s = String::new();
     // Declaring then deleting the table in one transaction removes a stale copy (kill -9)
     // without failing when there is none.
@@ -120,18 +123,21 @@ pub fn fast_path_table(d: &Dataplane) -> String {
         // Opens and closes always reach the tracker.
         let _ = writeln!(s, "\t\ttcp flags & (fin | syn | rst) != 0 return");
         for (v, ip, _) in keys {
-            let _ = writeln!(s, "\t\t{} @local{v} meta mark set meta mark | {m:#x}", key(ip));
+            let _ = writeln!(s, "\t\t{} @local{v} meta mark set meta mark | {fast:#x}", key(ip));
         }
         let _ = writeln!(s, "\t}}");
     }
     for (chain, hook) in [("mark_pre", "prerouting"), ("mark_out", "output")] {
         let _ = writeln!(s, "\tchain {chain} {{\n\t\ttype filter hook {hook} priority -299; policy accept;");
         for (v, ip, _) in keys {
-            let _ =
-                writeln!(s, "\t\tmeta mark & {m:#x} != 0 meta l4proto {{ tcp, udp }} add @local{v} {{ {} }}", key(ip));
+            let _ = writeln!(
+                s,
+                "\t\tmeta mark & {verdict:#x} != 0 meta l4proto {{ tcp, udp }} add @local{v} {{ {} }}",
+                key(ip)
+            );
         }
         // The bit is lb's own signal; nothing after this chain sees it.
-        let _ = writeln!(s, "\t\tmeta mark & {m:#x} != 0 meta mark set meta mark & {clear:#x}");
+        let _ = writeln!(s, "\t\tmeta mark & {:#x} != 0 meta mark set meta mark & {clear:#x}", verdict | fast);
         let _ = writeln!(s, "\t}}");
     }
     let _ = writeln!(s, "}}");
@@ -272,9 +278,10 @@ mod tests {
         let d = dataplane("fast_path_mark = 0x100\nfast_path_sample_ms = 250");
         for v6 in [false, true] {
             let r = ruleset(&d, v6);
-            let ret = r.find("-A LB-PRE -m mark --mark 0x100/0x100 -j RETURN").expect("pre");
+            // The fast bit (0x200), set by the table, not the verdict bit.
+            let ret = r.find("-A LB-PRE -m mark --mark 0x200/0x200 -j RETURN").expect("pre");
             assert!(ret < r.find("NFQUEUE").unwrap(), "{r}");
-            assert!(r.contains("-A LB-OUT -m mark --mark 0x100/0x100 -j RETURN"));
+            assert!(r.contains("-A LB-OUT -m mark --mark 0x200/0x200 -j RETURN"));
         }
         let t = fast_path_table(&d);
         assert!(t.starts_with("table inet lb\ndelete table inet lb\ntable inet lb {"), "{t}");
@@ -285,11 +292,13 @@ mod tests {
         let fast = &t[t.find("chain fast_pre").unwrap()..t.find("chain fast_out").unwrap()];
         let flags = fast.find("tcp flags & (fin | syn | rst) != 0 return").unwrap();
         assert!(fast.find(&format!("tcp flags & syn != 0 delete @local4 {{ {key4} }}")).unwrap() < flags);
-        assert!(fast.find(&format!("{key4} @local4 meta mark set meta mark | 0x100")).unwrap() > flags);
-        assert!(fast.contains("@local6 meta mark set meta mark | 0x100"));
+        assert!(fast.find(&format!("{key4} @local4 meta mark set meta mark | 0x200")).unwrap() > flags);
+        assert!(fast.contains("@local6 meta mark set meta mark | 0x200"));
         let mark = &t[t.find("chain mark_pre").unwrap()..t.find("chain mark_out").unwrap()];
         assert!(mark.contains(&format!("meta mark & 0x100 != 0 meta l4proto {{ tcp, udp }} add @local4 {{ {key4} }}")));
-        assert!(mark.contains("meta mark & 0x100 != 0 meta mark set meta mark & 0xfffffeff"));
+        // Only a verdict adds a flow; both bits are cleared from every packet.
+        assert_eq!(mark.matches("add @local").count(), 2);
+        assert!(mark.contains("meta mark & 0x300 != 0 meta mark set meta mark & 0xfffffcff"));
         assert!(describe(&d).contains("# nft -f - <<'EOF'"));
 
         let off = dataplane("fast_path = false");
