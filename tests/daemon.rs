@@ -273,6 +273,35 @@ fn bad_configuration_is_refused_with_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/lb.toml"));
 }
 
+#[test]
+fn check_config_summarizes_the_affinity_balancer_and_refuses_bad_affinity_keys() {
+    let dir = TempDir::new("affcfg");
+    let good = "[node]\naddress = \"198.18.0.11\"\n[cluster]\nplaintext = true\nversion = 2\n\
+                members = [\"198.18.0.11\", \"198.18.0.21\", \"198.18.0.22\"]\n\
+                [dataplane]\nintercept_tcp_ports = [80]\npolicy = \"affinity\"\n\
+                owners = [\"198.18.0.21\", \"198.18.0.22\"]\n[affinity]\nload_slack = 8\n";
+    let f = dir.0.join("good.toml");
+    std::fs::write(&f, good).unwrap();
+    let out = lb_cli(&["check-config", "--config", f.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("protocol version 2"), "{text}");
+    assert!(text.contains("policy affinity, new flows owned by 198.18.0.21, 198.18.0.22, fast path on"), "{text}");
+    assert!(text.contains("load bound 1.25 x average (new pairs 1.1, slack 8)"), "{text}");
+    for (bad, key) in [
+        ("load_slack = 8", "load_slack = -1"),
+        ("policy = \"affinity\"", "policy = \"local\""),
+        ("[affinity]", "[affinity]\nload_bound = 0.5"),
+    ] {
+        let f = dir.0.join("bad.toml");
+        std::fs::write(&f, good.replace(bad, key)).unwrap();
+        let out = lb_cli(&["check-config", "--config", f.to_str().unwrap()]);
+        assert!(!out.status.success(), "{key} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("affinity.") || err.contains("dataplane.owners"), "{key}: {err}");
+    }
+}
+
 /// The issue's acceptance check: an implementation written only from the version-1 table
 /// (in Python, by someone who did not read this code) joins `lb run`, receives its table,
 /// installs and sees its connection in /flows, is rejected as a non-member and for another

@@ -175,6 +175,43 @@ fn real_main() -> anyhow::Result<()> {
                     p.session.dead_after,
                 );
             }
+            println!("  protocol version {} (highest spoken)", c.cluster.version);
+            if let Some(d) = &c.dataplane {
+                let owners = if d.owners.is_empty() {
+                    "every member".to_string()
+                } else {
+                    d.owners.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+                };
+                println!(
+                    "  data plane: queue {}, policy {}, new flows owned by {owners}, fast path {}",
+                    d.queue,
+                    d.policy,
+                    if d.fast_path { "on" } else { "off" }
+                );
+                if d.policy == "affinity" {
+                    let a = &c.affinity;
+                    println!(
+                        "  affinity: pairs client /{} (v6 /{}) -> server /{} (v6 /{}), load bound {} x average \
+                         (new pairs {}, slack {}), half-life {} s",
+                        a.client_prefix_v4,
+                        a.client_prefix_v6,
+                        a.server_prefix_v4,
+                        a.server_prefix_v6,
+                        a.load_bound,
+                        a.new_pair_bound,
+                        a.load_slack,
+                        a.half_life_s
+                    );
+                }
+            }
+            if let Some(p) = &c.proxy {
+                let role = match p.role {
+                    lb::config::ProxyRole::Plain => "plain",
+                    lb::config::ProxyRole::Downstream => "downstream (encoder)",
+                    lb::config::ProxyRole::Upstream => "upstream (decoder)",
+                };
+                println!("  proxy: {role} on {}, spoof {}", p.listen, p.spoof);
+            }
             Ok(())
         }
         Command::GenCerts { out, members, name } => {
