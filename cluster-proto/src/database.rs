@@ -113,6 +113,28 @@ fn v6_slot(c: &Connection, owner: MemberId, action: Action, t: u32) -> [u64; 5] 
     [(ia >> 64) as u64, ia as u64, (ib >> 64) as u64, ib as u64, meta(c, swapped, &a, &b, owner, action, t)]
 }
 
+/// A connection's table key, built once and used for several lookups of the same packet
+/// (the local table, then the database; the prefetch before them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupKey {
+    /// An IPv4 connection's slot words.
+    V4([u64; 2]),
+    /// An IPv6 connection's slot words.
+    V6([u64; 5]),
+}
+
+impl LookupKey {
+    /// The key of `connection`, in either direction.
+    #[inline]
+    pub fn of(connection: &Connection) -> Self {
+        if connection.is_ipv4() {
+            LookupKey::V4(v4_slot(connection, MemberId(0), Action::Forward, 0))
+        } else {
+            LookupKey::V6(v6_slot(connection, MemberId(0), Action::Forward, 0))
+        }
+    }
+}
+
 fn decode_entry(a: IpAddr, b: IpAddr, m: u64) -> Entry {
     let pa = SocketAddr::new(a, (m >> 48) as u16);
     let pb = SocketAddr::new(b, (m >> 32) as u16);
@@ -243,10 +265,15 @@ impl ConnectionDatabase {
     /// packet path's lookup.
     #[inline]
     pub fn owner_of(&self, connection: &Connection) -> Option<(MemberId, Action)> {
-        let m = if connection.is_ipv4() {
-            self.v4.get(&v4_slot(connection, MemberId(0), Action::Forward, 0))?[1]
-        } else {
-            self.v6.get(&v6_slot(connection, MemberId(0), Action::Forward, 0))?[4]
+        self.owner_of_key(&LookupKey::of(connection))
+    }
+
+    /// [`ConnectionDatabase::owner_of`] with the key already built.
+    #[inline]
+    pub fn owner_of_key(&self, key: &LookupKey) -> Option<(MemberId, Action)> {
+        let m = match key {
+            LookupKey::V4(k) => self.v4.get(k)?[1],
+            LookupKey::V6(k) => self.v6.get(k)?[4],
         };
         Some((owner_of(m), action_of(m)))
     }
@@ -255,10 +282,15 @@ impl ConnectionDatabase {
     /// [`crate::table::FlowTable::prefetch`]).
     #[inline]
     pub fn prefetch(&self, connection: &Connection) {
-        if connection.is_ipv4() {
-            self.v4.prefetch(&v4_slot(connection, MemberId(0), Action::Forward, 0))
-        } else {
-            self.v6.prefetch(&v6_slot(connection, MemberId(0), Action::Forward, 0))
+        self.prefetch_key(&LookupKey::of(connection))
+    }
+
+    /// [`ConnectionDatabase::prefetch`] with the key already built.
+    #[inline]
+    pub fn prefetch_key(&self, key: &LookupKey) {
+        match key {
+            LookupKey::V4(k) => self.v4.prefetch(k),
+            LookupKey::V6(k) => self.v6.prefetch(k),
         }
     }
 
@@ -358,6 +390,12 @@ impl ConnectionTable {
     #[inline]
     pub fn lookup(&self, connection: &Connection) -> Option<Action> {
         self.db.owner_of(connection).map(|(_, a)| a)
+    }
+
+    /// [`ConnectionTable::lookup`] with the key already built.
+    #[inline]
+    pub fn lookup_key(&self, key: &LookupKey) -> Option<Action> {
+        self.db.owner_of_key(key).map(|(_, a)| a)
     }
 
     /// The full entry (with direction and install time) of a local connection.

@@ -13,7 +13,7 @@ pub mod session;
 pub mod table;
 pub mod wire;
 
-pub use database::{ConnectionDatabase, ConnectionTable, Entry, MemberId};
+pub use database::{ConnectionDatabase, ConnectionTable, Entry, LookupKey, MemberId};
 pub use flow::{Action, Connection, Protocol};
 pub use session::{Session, SessionConfig};
 pub use wire::{ErrorCode, Message};
