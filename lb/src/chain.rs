@@ -242,6 +242,21 @@ impl ConnBytes {
         [&self.up_plain, &self.up_wire, &self.down_plain, &self.down_wire].iter().map(|a| a.load(Relaxed)).sum()
     }
 
+    /// The connection's counters of each direction (towards the upstream, towards the
+    /// downstream), each with its global twin in `stats`.
+    fn pipes<'a>(&'a self, stats: &'a ChainStats) -> (Pipe<'a>, Pipe<'a>) {
+        (
+            Pipe {
+                plain: Meter(&self.up_plain, &stats.to_upstream_plain),
+                wire: Meter(&self.up_wire, &stats.to_upstream_wire),
+            },
+            Pipe {
+                plain: Meter(&self.down_plain, &stats.to_downstream_plain),
+                wire: Meter(&self.down_wire, &stats.to_downstream_wire),
+            },
+        )
+    }
+
     /// How a plain relay ended: its bytes each way (client to server is "up").
     fn plain_outcome(&self) -> Outcome {
         Outcome::Plain { to_server: self.up_plain.load(Relaxed), to_client: self.down_plain.load(Relaxed) }
@@ -434,16 +449,7 @@ impl Chain {
         };
         let mut session = self.session(&peer.id, stores.map(Checkout::take), Role::Downstream)?;
         let (enc, dec) = session.parts();
-        let (to_up, to_down) = (
-            Pipe {
-                plain: Meter(&conn.up_plain, &s.to_upstream_plain),
-                wire: Meter(&conn.up_wire, &s.to_upstream_wire),
-            },
-            Pipe {
-                plain: Meter(&conn.down_plain, &s.to_downstream_plain),
-                wire: Meter(&conn.down_wire, &s.to_downstream_wire),
-            },
-        );
+        let (to_up, to_down) = conn.pipes(s);
         run_codec(client, up, Vec::new(), rest, enc, dec, to_up, to_down).await?;
         Ok(Outcome::Chained)
     }
@@ -511,16 +517,7 @@ impl Chain {
         };
         let mut session = self.session(&hello.id, stores, Role::Upstream)?;
         let (enc, dec) = session.parts();
-        let (to_down, to_up) = (
-            Pipe {
-                plain: Meter(&conn.down_plain, &s.to_downstream_plain),
-                wire: Meter(&conn.down_wire, &s.to_downstream_wire),
-            },
-            Pipe {
-                plain: Meter(&conn.up_plain, &s.to_upstream_plain),
-                wire: Meter(&conn.up_wire, &s.to_upstream_wire),
-            },
-        );
+        let (to_up, to_down) = conn.pipes(s);
         run_codec(server, client, server_first, rest, enc, dec, to_down, to_up).await?;
         Ok(Outcome::Chained)
     }
