@@ -414,9 +414,13 @@ pub struct Cluster {
     /// Messages queued to one peer before it is declared stalled and resynchronized.
     #[serde(default = "default_send_queue")]
     pub send_queue: usize,
-    /// Accepted channels that have not sent PEER_JOIN yet, at most.
+    /// Accepted channels from non-members that have not completed their join yet (TLS
+    /// handshake included), at most; members' addresses have places of their own.
     #[serde(default = "default_pending_joins")]
     pub max_pending_joins: usize,
+    /// Of those, at most this many from one source address.
+    #[serde(default = "default_pending_per_source")]
+    pub max_pending_per_source: usize,
     /// Entries one peer may own here; further INSTALLs from it are refused and counted.
     #[serde(default = "default_max_entries")]
     pub max_entries_per_member: usize,
@@ -590,6 +594,9 @@ fn default_send_queue() -> usize {
 }
 fn default_pending_joins() -> usize {
     64
+}
+fn default_pending_per_source() -> usize {
+    4
 }
 fn default_admin() -> SocketAddr {
     DEFAULT_ADMIN.parse().expect("valid default")
@@ -784,6 +791,9 @@ impl Config {
         if c.max_pending_joins == 0 {
             return Err(invalid("cluster.max_pending_joins", "must be at least 1"));
         }
+        if c.max_pending_per_source == 0 {
+            return Err(invalid("cluster.max_pending_per_source", "must be at least 1"));
+        }
         if c.members.is_empty() {
             return Err(invalid("cluster.members", "must list at least this member"));
         }
@@ -859,6 +869,7 @@ impl Config {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2).max(keepalive),
             max_pending_joins: c.max_pending_joins,
+            max_pending_per_source: c.max_pending_per_source,
             send_delay: Duration::from_millis(c.test_send_delay_ms.min(10_000)),
             max_entries_per_member: c.max_entries_per_member,
             max_install_rate: c.max_install_rate,

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 /// Runs a member until SIGTERM or SIGINT, then leaves the cluster with PEER_LEAVE.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    raise_descriptor_limit();
     let mut mesh_config = config.mesh()?;
     mesh_config.tls = config.tls_settings()?;
     if mesh_config.tls.is_none() {
@@ -237,4 +238,14 @@ fn undo(cmds: &[Vec<String>]) -> Vec<Vec<String>> {
                 .collect()
         })
         .collect()
+}
+
+/// Raises the soft descriptor limit to the hard one: the default soft limit of 1,024 is
+/// used up by a few hundred peers', proxies' and admin clients' sockets, after which every
+/// listener fails to accept.
+fn raise_descriptor_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
 use super::{AdvertisementOutcome, CloseSignal, Inner, MeshEvent, Outgoing, PeerState};
 use crate::database::{InstallOutcome, MemberId, RemoveOutcome};
@@ -64,6 +64,23 @@ fn entries_of(inner: &Inner, p: MemberId) -> usize {
     inner.db.count_of(p, crate::flow::Action::Forward) + inner.db.count_of(p, crate::flow::Action::Bypass)
 }
 
+/// The longest gap between bytes received on the current channel, published per peer
+/// (`PeerInfo::max_silence_ms`): how close the peer came to being declared dead.
+struct Silence {
+    last: Option<Instant>,
+}
+
+impl Silence {
+    fn heard(&mut self, inner: &Inner, peer: Option<MemberId>, current: bool, now: Instant) {
+        let (Some(p), true) = (peer, current) else { return };
+        if let Some(last) = self.last {
+            let gap = now.duration_since(last).as_millis() as u64;
+            inner.max_silence_ms[p.0 as usize].fetch_max(gap, Ordering::Relaxed);
+        }
+        self.last = Some(now);
+    }
+}
+
 /// Hands one queued update to the session.
 fn apply(inner: &Inner, remote: IpAddr, s: &mut Session, now: Instant, c: Outgoing, table_entries: &mut usize) {
     match c {
@@ -113,7 +130,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     role: Role,
     peer: Option<MemberId>,
     remote: IpAddr,
-    mut pending: Option<OwnedSemaphorePermit>,
+    mut pending: Option<super::admission::Pending>,
 ) -> Outcome {
     let _active = ActiveGuard::new(&inner);
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -144,6 +161,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut buf = vec![0u8; 64 * 1024];
     let mut reason = CloseReason::TransportClosed;
     let mut guard = FloodGuard::new(&inner);
+    let mut silence = Silence { last: None };
     // Test aid: outgoing updates wait this long, as over a long-distance link.
     let delay = inner.config.send_delay;
     let mut delayed: std::collections::VecDeque<(Instant, Outgoing)> = std::collections::VecDeque::new();
@@ -280,6 +298,41 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             break 'run;
         }
         let deadline = s.poll_timeout().expect("open sessions have a timer");
+        // Timers first, on every turn: a channel whose socket always has bytes to read (a
+        // big table arriving) or always room to write (one being sent) must still send its
+        // keepalives and notice a dead peer; a select would never reach the timer arm.
+        let now = Instant::now();
+        if now >= deadline {
+            // A starved task may wake to its dead timer with the peer's bytes already
+            // waiting in the socket: read them first, so a busy member does not declare a
+            // live peer dead. The read goes straight to the (non-blocking) socket, since
+            // tokio's readiness may not have caught up with it yet. (Plain TCP only: a TLS
+            // stream's bytes must go through TLS.)
+            if let Some(fd) = raw {
+                // SAFETY: the descriptor belongs to the stream, alive for this whole
+                // function; ManuallyDrop keeps this borrowed socket from closing it.
+                let sock = std::mem::ManuallyDrop::new(unsafe { socket2::Socket::from_raw_fd(fd) });
+                loop {
+                    match (&*sock).read(&mut buf) {
+                        Ok(0) => {
+                            s.transport_closed();
+                            break;
+                        }
+                        Ok(n) => {
+                            silence.heard(&inner, peer, current, Instant::now());
+                            s.handle_bytes(Instant::now(), &buf[..n]);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            s.transport_closed();
+                            break;
+                        }
+                    }
+                }
+            }
+            s.handle_timeout(Instant::now());
+            continue 'run;
+        }
         if wbuf.is_empty() {
             if let Some(bytes) = s.poll_transmit() {
                 wbuf.extend_from_slice(&bytes[..bytes.len().min(64 * 1024)]);
@@ -288,8 +341,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // Above this many queued bytes the channel stops taking updates from its queue, so a
         // peer that does not read fills the queue and is declared stalled.
         let can_take = current && s.pending_bytes() < inner.config.max_pending_bytes;
+        // Not biased: whichever of reading, writing and taking updates is ready gets its turn
+        // in random order, so none of them starves the others.
         tokio::select! {
-            biased;
             _ = close.notify.notified() => {
                 s.leave(Instant::now(), ErrorCode(close.code.load(Ordering::Relaxed)));
             }
@@ -319,7 +373,10 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             },
             r = rd.read(&mut buf) => match r {
                 Ok(0) | Err(_) => s.transport_closed(),
-                Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
+                Ok(n) => {
+                    silence.heard(&inner, peer, current, Instant::now());
+                    s.handle_bytes(Instant::now(), &buf[..n]);
+                }
             },
             cmd = rx.recv(), if can_take => {
                 let now = Instant::now();
@@ -342,27 +399,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     apply(&inner, remote, &mut s, now, c, &mut table_entries);
                 }
             }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                // A starved task may wake to its dead timer with the peer's bytes already
-                // waiting in the socket: read them first, so a busy member does not declare
-                // a live peer dead. The read goes straight to the (non-blocking) socket,
-                // since tokio's readiness may not have caught up with it yet.
-                // (Plain TCP only: a TLS stream's bytes must go through TLS.)
-                if let Some(fd) = raw {
-                    // SAFETY: the descriptor belongs to the stream, alive for this whole
-                    // function; ManuallyDrop keeps this borrowed socket from closing it.
-                    let sock = std::mem::ManuallyDrop::new(unsafe { socket2::Socket::from_raw_fd(fd) });
-                    loop {
-                        match (&*sock).read(&mut buf) {
-                            Ok(0) => { s.transport_closed(); break; }
-                            Ok(n) => s.handle_bytes(Instant::now(), &buf[..n]),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                            Err(_) => { s.transport_closed(); break; }
-                        }
-                    }
-                }
-                s.handle_timeout(Instant::now());
-            }
+            // Only wakes the loop: the timers are handled at the top of the next turn.
+            _ = tokio::time::sleep_until(deadline.into()) => {}
         }
     }
 

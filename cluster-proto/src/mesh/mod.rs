@@ -19,8 +19,10 @@
 //! - local changes and the snapshot sent to a newly joined peer are serialized by one lock,
 //!   so a peer never misses or reorders an update around its table sync.
 
+mod admission;
 mod channel;
 mod net;
+pub use admission::MEMBER_PENDING;
 pub mod stats;
 pub mod tls;
 
@@ -74,8 +76,11 @@ pub struct MeshConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
-    /// Channels accepted but not yet joined, at most.
+    /// Channels accepted from non-members but not yet joined (TLS handshake included), at
+    /// most; members' addresses have places of their own ([`admission::MEMBER_PENDING`]).
     pub max_pending_joins: usize,
+    /// Of those, at most this many from one source address.
+    pub max_pending_per_source: usize,
     /// Entries one peer may own in this member's database; further INSTALLs are refused
     /// (a flood guard, like Katran's cap on new flows).
     pub max_entries_per_member: usize,
@@ -177,6 +182,8 @@ struct Inner {
     /// Woken when a peer loses its current channel (its dialer may dial again).
     peer_changed: Vec<Notify>,
     keepalive_timeouts: Vec<AtomicU64>,
+    /// Per peer: the longest gap between bytes received on its current channel, in ms.
+    max_silence_ms: Vec<AtomicU64>,
     next_channel: AtomicU64,
     messages: MessageCounters,
     observer: Arc<dyn MeshObserver>,
@@ -222,6 +229,7 @@ impl MeshConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             max_pending_joins: 64,
+            max_pending_per_source: 4,
             max_entries_per_member: 4_000_000,
             max_install_rate: 1_000_000,
             max_pending_bytes: 8 << 20,
@@ -241,8 +249,10 @@ impl MeshConfig {
         let me = self.members.iter().position(|m| m.address == self.address).ok_or_else(|| {
             MeshError::Config(format!("this member's address {} is not in the member list", self.address))
         })?;
-        if self.send_queue == 0 || self.max_pending_joins == 0 {
-            return Err(MeshError::Config("send_queue and max_pending_joins must be at least 1".into()));
+        if self.send_queue == 0 || self.max_pending_joins == 0 || self.max_pending_per_source == 0 {
+            return Err(MeshError::Config(
+                "send_queue, max_pending_joins and max_pending_per_source must be at least 1".into(),
+            ));
         }
         Ok((self, MemberId(me as u8)))
     }
@@ -277,6 +287,7 @@ impl Mesh {
                 .collect(),
             peer_changed: (0..n).map(|_| Notify::new()).collect(),
             keepalive_timeouts: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            max_silence_ms: (0..n).map(|_| AtomicU64::new(0)).collect(),
             next_channel: AtomicU64::new(1),
             messages: MessageCounters::default(),
             observer,
@@ -465,6 +476,7 @@ impl Mesh {
                     last_close: slot.last_close.clone(),
                     keepalive_timeouts: inner.keepalive_timeouts[i].load(Ordering::Relaxed),
                     channels_lost: slot.channels_lost,
+                    max_silence_ms: inner.max_silence_ms[i].load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -585,6 +597,7 @@ impl Inner {
             tracing::info!(peer = %self.addr(peer), purged, "control channel superseded by a new one");
         }
         slot.current = Some(Current { channel, version, lower_initiated, role, close: close.clone() });
+        self.max_silence_ms[peer.0 as usize].store(0, Ordering::Relaxed);
         self.membership.fetch_add(1, Ordering::AcqRel);
         slot.connect_failures = 0;
         slot.set_state(PeerState::Synchronize);

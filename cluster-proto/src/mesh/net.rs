@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
 
+use super::admission::Admission;
 use super::channel::{self, Outcome};
 use super::{Inner, MeshEvent, PeerState, Retries};
 use crate::database::MemberId;
@@ -30,9 +30,10 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// Accepts control channels. A member is recognized by its source address; anyone else gets
-/// a session too, only to be told PEER_REJECT(not a member) after its PEER_JOIN.
+/// a session too, only to be told PEER_REJECT(not a member) after its PEER_JOIN. Channels
+/// not yet joined are admitted per source address (see [`super::admission`]).
 pub(super) async fn listen(inner: Arc<Inner>, listener: TcpListener) {
-    let pending = Arc::new(Semaphore::new(inner.config.max_pending_joins));
+    let admission = Admission::new(inner.config.max_pending_joins, inner.config.max_pending_per_source);
     let mut shutdown = inner.shutdown.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -48,12 +49,15 @@ pub(super) async fn listen(inner: Arc<Inner>, listener: TcpListener) {
             }
         };
         let remote = canonical(from.ip());
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            inner.observer.on_event(&MeshEvent::ChannelRefused { peer: remote, reason: "too_many_pending_joins" });
-            tracing::warn!(%remote, "too many channels waiting for PEER_JOIN, refusing one");
-            continue;
-        };
         let peer = inner.member_id(remote).filter(|&p| p != inner.me);
+        let permit = match admission.admit(remote, peer.is_some()) {
+            Ok(p) => p,
+            Err(reason) => {
+                inner.observer.on_event(&MeshEvent::ChannelRefused { peer: remote, reason });
+                tracing::warn!(%remote, reason, "too many channels waiting for PEER_JOIN, refusing one");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let inner = inner.clone();
         tokio::spawn(async move {

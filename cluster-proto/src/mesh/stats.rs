@@ -298,4 +298,7 @@ pub struct PeerInfo {
     pub keepalive_timeouts: u64,
     /// Times a joined channel with the peer closed (its entries were purged each time).
     pub channels_lost: u64,
+    /// The longest gap, in ms, between bytes received from the peer on its current channel:
+    /// the peer is declared dead when it reaches `keepalive_ms * dead_after`.
+    pub max_silence_ms: u64,
 }
