@@ -1013,7 +1013,27 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn the_capture_is_built_as_described() {
-    // The fixtures are the documented bytes, and the pcap frames carry valid checksums.
+    // The fixtures are the golden examples of docs/protocol.md, byte for byte.
+    let doc = std::fs::read_to_string(repo_root().join("docs/protocol.md")).expect("docs/protocol.md");
+    let spaced = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
+    let dict = dict_stats_v4();
+    for bytes in [
+        &with([1, 1, 6, 1], &V4_BODY)[..],
+        &with([1, 2, 6, 1], &V4_BODY),
+        &with([2, 1, 6, 1], &V4_BODY),
+        &with([1, 1, 17, 2], &v6_body())[..8],
+        &PEER_JOIN_1,
+        &PEER_LEAVE_NONE,
+        &PEER_LEAVE_BAD_MESSAGE,
+        &PEER_REJECT_NOT_A_MEMBER,
+        &PEER_REJECT_VERSION,
+        &dict[..12],
+        &dict[12..],
+        &LOAD,
+    ] {
+        assert!(doc.contains(&spaced(bytes)), "{} is not in docs/protocol.md", spaced(bytes));
+    }
+    // The frames carry valid checksums.
     assert_eq!(dict_stats_v4().len(), 24);
     assert_eq!(dict_stats_v6().len(), 48);
     assert_eq!(with([1, 1, 17, 2], &v6_body()).len(), 40);
