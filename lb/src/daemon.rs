@@ -47,6 +47,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let admin = admin::serve(
         config.admin.listen,
         AdminState { mesh: mesh.clone(), metrics: metrics.clone(), ready: ready.clone(), steering: steering.clone() },
+        config.admin.limits(),
         async move {
             let _ = stop_admin.wait_for(|s| *s).await;
         },

@@ -95,6 +95,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         admin::serve(
             listen,
             AdminState { mesh: mesh.clone(), metrics, ready: std::sync::Arc::new(true.into()), steering: None },
+            admin::ServerLimits::default(),
             std::future::pending(),
         )
         .await

@@ -255,32 +255,66 @@ fn real_main() -> anyhow::Result<()> {
             runtime()?.block_on(lb::demo::run(lb::demo::DemoOptions { connections, keep_running }))
         }
         Command::Flows { admin, member, addr, protocol, limit, json } => {
-            let mut q = vec![format!("limit={limit}")];
+            let mut filters = Vec::new();
             if let Some(m) = member {
-                q.push(format!("member={m}"));
+                filters.push(format!("member={m}"));
             }
             if let Some(a) = addr {
-                q.push(format!("addr={a}"));
+                filters.push(format!("addr={a}"));
             }
             if let Some(p) = protocol {
-                q.push(format!("protocol={p}"));
+                filters.push(format!("protocol={p}"));
             }
-            let v: FlowsView = client::get_json(admin.admin, &format!("/flows?{}", q.join("&")))?;
-            if json {
-                return print_json(&v);
-            }
-            println!(
-                "{:<5} {:<45} {:<45} {:<8} {:<16} {:>6}",
-                "PROTO", "SOURCE", "DESTINATION", "ACTION", "OWNER", "AGE"
-            );
-            for f in &v.flows {
-                let owner = if f.local { format!("{} (local)", f.owner) } else { f.owner.to_string() };
+            // Pages of at most 10,000 flows, following the cursor, so a table of millions is
+            // printed as it arrives and never held whole by either side.
+            const PAGE: usize = 10_000;
+            let wanted = if limit == 0 { usize::MAX } else { limit };
+            let mut all: Option<FlowsView> = None;
+            let mut after: Option<String> = None;
+            let mut shown = 0usize;
+            if !json {
                 println!(
-                    "{:<5} {:<45} {:<45} {:<8} {:<16} {:>5}s",
-                    f.protocol, f.src, f.dst, f.action, owner, f.age_secs
+                    "{:<5} {:<45} {:<45} {:<8} {:<16} {:>6}",
+                    "PROTO", "SOURCE", "DESTINATION", "ACTION", "OWNER", "AGE"
                 );
             }
-            println!("{} of {} flows known to {}", v.flows.len(), v.total, v.member);
+            let (total, member) = loop {
+                let mut q = filters.clone();
+                q.push(format!("limit={}", (wanted - shown).min(PAGE)));
+                if let Some(c) = &after {
+                    q.push(format!("after={c}"));
+                }
+                let v: FlowsView = client::get_json(admin.admin, &format!("/flows?{}", q.join("&")))?;
+                shown += v.flows.len();
+                if !json {
+                    for f in &v.flows {
+                        let owner = if f.local { format!("{} (local)", f.owner) } else { f.owner.to_string() };
+                        println!(
+                            "{:<5} {:<45} {:<45} {:<8} {:<16} {:>5}s",
+                            f.protocol, f.src, f.dst, f.action, owner, f.age_secs
+                        );
+                    }
+                }
+                let (total, member, next) = (v.total, v.member, v.next.clone());
+                if json {
+                    match &mut all {
+                        None => all = Some(v),
+                        Some(a) => {
+                            a.flows.extend(v.flows);
+                            a.total = v.total;
+                        }
+                    }
+                }
+                match next {
+                    Some(c) if shown < wanted => after = Some(c),
+                    _ => break (total, member),
+                }
+            };
+            if let Some(mut v) = all {
+                v.next = None;
+                return print_json(&v);
+            }
+            println!("{shown} of {total} flows known to {member}");
             Ok(())
         }
         Command::Peers { admin, json } => {

@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+pub mod daemon;
 pub mod lbproc;
 
 /// A port free on 127.0.0.1 right now, used as the listen port on several 127.0.0.x.

@@ -11,10 +11,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use cluster_proto::mesh::Mesh;
-use cluster_proto::{Action, Connection, Entry, Protocol};
+use cluster_proto::{Action, Connection, Protocol};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
+
+pub mod flows;
+pub mod server;
+
+use flows::{Filter, FlowKey, MAX_PAGE};
+pub use server::ServerLimits;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -40,19 +46,14 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Binds `listen` and serves the API until `shutdown` resolves.
+/// Binds `listen` and serves the API, within `limits`, until `shutdown` resolves.
 pub async fn serve(
     listen: SocketAddr,
     state: AdminState,
+    limits: ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let app = router(state);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    }))
+    server::serve(listen, router(state), limits, shutdown).await
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -97,8 +98,10 @@ pub struct FlowQuery {
     pub addr: Option<IpAddr>,
     /// Only tcp or udp.
     pub protocol: Option<String>,
-    /// At most this many flows in the answer (default 1000, 0 for all).
+    /// At most this many flows in the answer (default 1000, at most 100,000; 0 streams all).
     pub limit: Option<usize>,
+    /// Start after this flow: the `next` of the previous page.
+    pub after: Option<String>,
     /// With the affinity policy: add the engine's reasoning for each flow's pair.
     pub explain: Option<bool>,
 }
@@ -136,8 +139,11 @@ pub struct FlowsView {
     pub member: IpAddr,
     /// Flows matching the filters.
     pub total: usize,
-    /// The first `limit` of them.
+    /// The first `limit` of them after the cursor, in order.
     pub flows: Vec<FlowView>,
+    /// The cursor of the next page (`after=`), when there are more flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 async fn flows(
@@ -147,7 +153,7 @@ async fn flows(
     let Ok(Query(q)) = q else {
         return error(
             StatusCode::BAD_REQUEST,
-            "bad query: use member=ADDR, addr=ADDR, protocol=tcp|udp, limit=N, explain=true|false",
+            "bad query: use member=ADDR, addr=ADDR, protocol=tcp|udp, limit=N, after=CURSOR, explain=true|false",
         );
     };
     let protocol = match q.protocol.as_deref().map(str::parse::<Protocol>) {
@@ -155,47 +161,128 @@ async fn flows(
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let limit = match q.limit {
-        None => 1000,
-        Some(0) => usize::MAX,
-        Some(n) => n,
+    let after = match q.after.as_deref().map(FlowKey::parse) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
     };
+    let filter = Filter { member: q.member, addr: q.addr, protocol };
+    let explain = q.explain == Some(true);
+    match q.limit.unwrap_or(1000) {
+        0 => stream_flows(s, filter, after, explain),
+        n if n > MAX_PAGE => {
+            error(StatusCode::BAD_REQUEST, format!("limit is at most {MAX_PAGE} (0 streams every flow)"))
+        }
+        limit => {
+            let page = tokio::task::spawn_blocking(move || {
+                let page = scan_page(&s, &filter, after.as_ref(), limit);
+                let flows = Viewer::new(&s, explain).views(&page.flows);
+                FlowsView { member: s.mesh.address(), total: page.total, next: page.next(), flows }
+            })
+            .await;
+            match page {
+                Ok(v) => Json(v).into_response(),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("flow scan failed: {e}")),
+            }
+        }
+    }
+}
+
+/// One table scan at a time: each is a full pass over millions of entries.
+static SCAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Flows per page of a streamed (`limit=0`) answer: a page's JSON is about 10 MiB.
+const STREAM_PAGE: usize = 50_000;
+
+/// Runs one scan of the local table and the database for a page (on a blocking thread).
+fn scan_page(s: &AdminState, filter: &Filter, after: Option<&FlowKey>, limit: usize) -> flows::Page {
+    let _one_at_a_time = SCAN.lock().unwrap_or_else(|e| e.into_inner());
     let me = s.mesh.address();
-    let steering = s.steering.as_deref();
-    let explainer = steering.filter(|_| q.explain == Some(true)).and_then(|st| st.affinity().map(|e| (st, e)));
-    let eligible = explainer.map(|(st, _)| st.eligible(&s.mesh.live_members())).unwrap_or_default();
+    let members = s.mesh.members();
     let (db_now, local_now) = (s.mesh.database().now_secs(), s.mesh.local().entry_now_secs());
-    let mut out = Vec::new();
-    let mut total = 0;
-    let mut visit = |e: Entry, owner: IpAddr, local: bool, now: u32| {
-        if q.member.is_some_and(|m| m != owner)
-            || q.addr.is_some_and(|a| !e.connection.involves(a))
-            || protocol.is_some_and(|p| p != e.connection.protocol())
-        {
+    flows::select(
+        |f| {
+            s.mesh.local().for_each(|e| f(e, me, true, local_now));
+            s.mesh.database().for_each(|e| f(e, members.get(e.owner.0 as usize).copied().unwrap_or(me), false, db_now));
+        },
+        filter,
+        after,
+        limit,
+    )
+}
+
+/// Builds the views of picked flows: the owner policy's reason, and with `explain` the
+/// affinity engine's reasoning.
+struct Viewer<'a> {
+    steering: Option<&'a crate::steering::Steering>,
+    explainer: Option<&'a dictionary_affinity::affinity::AffinityEngine>,
+    eligible: Vec<cluster_proto::MemberId>,
+}
+
+impl<'a> Viewer<'a> {
+    fn new(s: &'a AdminState, explain: bool) -> Self {
+        let steering = s.steering.as_deref();
+        let explainer = steering.filter(|_| explain).and_then(|st| st.affinity().map(|e| &**e));
+        let eligible = match (steering, explainer) {
+            (Some(st), Some(_)) => st.eligible(&s.mesh.live_members()),
+            _ => Vec::new(),
+        };
+        Viewer { steering, explainer, eligible }
+    }
+
+    fn views(&self, picked: &[flows::Picked]) -> Vec<FlowView> {
+        picked
+            .iter()
+            .map(|p| {
+                let c = &p.entry.connection;
+                flows::view(
+                    p,
+                    self.steering.and_then(|st| st.recorded(c)).map(|r| r.reason.to_string()),
+                    self.explainer.map(|engine| engine.explain(&engine.pair(c), &self.eligible)),
+                )
+            })
+            .collect()
+    }
+}
+
+/// `limit=0`: every flow, in order, written page by page as the pages are computed (memory
+/// bounded by a few pages, whatever the table). The answer is not a snapshot: flows installed
+/// or removed while it is written may or may not appear; `total` is the last page's count.
+fn stream_flows(s: AdminState, filter: Filter, after: Option<FlowKey>, explain: bool) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::task::spawn_blocking(move || {
+        let head = format!("{{\"member\":{},\"flows\":[", serde_json::json!(s.mesh.address()));
+        if tx.blocking_send(Ok(head.into())).is_err() {
             return;
         }
-        total += 1;
-        if out.len() < limit {
-            out.push(FlowView {
-                protocol: e.connection.protocol().to_string(),
-                src: e.connection.src(),
-                dst: e.connection.dst(),
-                action: e.action.to_string(),
-                owner,
-                local,
-                age_secs: now.wrapping_sub(e.installed_at) & ((1 << 20) - 1),
-                reason: steering.and_then(|st| st.recorded(&e.connection)).map(|r| r.reason.to_string()),
-                explain: explainer.map(|(_, engine)| engine.explain(&engine.pair(&e.connection), &eligible)),
-            });
-        }
-    };
-    s.mesh.local().for_each(|e| visit(e, me, true, local_now));
-    let members = s.mesh.members();
-    s.mesh.database().for_each(|e| {
-        let owner = members.get(e.owner.0 as usize).copied().unwrap_or(me);
-        visit(e, owner, false, db_now)
+        let viewer = Viewer::new(&s, explain);
+        let mut cursor = after;
+        let mut first = true;
+        let total = loop {
+            let page = scan_page(&s, &filter, cursor.as_ref(), STREAM_PAGE);
+            let mut buf = Vec::with_capacity(page.flows.len() * 160);
+            for v in viewer.views(&page.flows) {
+                if !first {
+                    buf.push(b',');
+                }
+                first = false;
+                serde_json::to_writer(&mut buf, &v).expect("a flow view serializes");
+            }
+            // The client went away: stop scanning.
+            if tx.blocking_send(Ok(buf.into())).is_err() {
+                return;
+            }
+            match page.next() {
+                Some(_) => cursor = page.flows.last().map(|p| p.key),
+                None => break page.total,
+            }
+        };
+        let _ = tx.blocking_send(Ok(format!("],\"total\":{total}}}").into()));
     });
-    Json(FlowsView { member: me, total, flows: out }).into_response()
+    let body = axum::body::Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Body of `POST /connections` and `DELETE /connections`.
