@@ -104,10 +104,11 @@ fn four_full_reads_of_a_big_table_stream_without_silencing_the_member() {
     const N: usize = 2_000_000;
     let port = free_port();
     let (me, peer) = (lo(151), lo(152));
-    // 200 ms keepalives, dead after 5: a one-second silence would purge the member.
-    let d = Daemon::start_with(me, port, &[me, peer], 200, "");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(200), dead_after: 3 };
+    // 500 ms keepalives, dead after 3 (a third of the default): a 1.5 s silence would purge
+    // the member (before, the reads silenced it for 3.75 s).
+    let d = Daemon::start_with(me, port, &[me, peer], 500, "");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3 };
     let mut cfg = MeshConfig::uniform(peer, port, &[me, peer], session, Retries::Infinite);
     cfg.send_queue = 1 << 22;
     let mesh = rt.block_on(async { Mesh::start(cfg, Arc::new(NoObserver)).await.unwrap() });

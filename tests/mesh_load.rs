@@ -126,3 +126,66 @@ async fn silent_strangers_never_keep_a_member_out() {
     drop(strangers);
     a.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Issue 10, defect 2: two members claim the same 2,000 connections at the same time. Before,
+/// the last INSTALL won at each member (80 of 2,000 had different owners at different
+/// members), and the loser's REMOVEs then deleted the winner's entries wherever the loser's
+/// INSTALL had come last (7,920 of 8,000 gone). Now every member gives each connection to the
+/// lowest member's claim on its own; the loser withdraws its claims, and its REMOVEs never
+/// touch the winner's entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_end_with_one_owner_everywhere() {
+    const N: usize = 2_000;
+    let port = free_port();
+    let addrs = [lo(161), lo(162), lo(163)];
+    let cfg = |me| MeshConfig::uniform(me, port, &addrs, session(200), Retries::Infinite);
+    let a = Mesh::start(cfg(addrs[0]), Arc::new(NoObserver)).await.unwrap();
+    let b = Mesh::start(cfg(addrs[1]), Arc::new(NoObserver)).await.unwrap();
+    let c = Mesh::start(cfg(addrs[2]), Arc::new(NoObserver)).await.unwrap();
+    wait_until_async("mesh up", Duration::from_secs(10), || [&a, &b, &c].iter().all(|m| m.live_members().len() == 3))
+        .await;
+    let contested = |i: usize| conn(200, i);
+    let claim_all = |m: Mesh| {
+        tokio::task::spawn_blocking(move || {
+            (0..N)
+                .filter(|&i| matches!(m.claim(contested(i), Action::Forward), cluster_proto::mesh::Claim::Lost { .. }))
+                .count()
+        })
+    };
+    let (ra, rb) = (claim_all(a.clone()), claim_all(b.clone()));
+    let (lost_a, lost_b) = (ra.await.unwrap(), rb.await.unwrap());
+    assert_eq!(lost_a, 0, "the lowest member never loses a claim");
+    let owner_everywhere = |m: &Mesh, i: usize| {
+        let k = contested(i);
+        if m.local().lookup(&k).is_some() {
+            assert!(
+                m.database().lookup(&k).is_none(),
+                "{}: a local claim that wins leaves no peer claim in the table",
+                m.address()
+            );
+            Some(m.address())
+        } else {
+            m.database().lookup(&k).and_then(|e| m.member_address(e.owner))
+        }
+    };
+    wait_until_async("one owner everywhere", Duration::from_secs(20), || {
+        (0..N).all(|i| [&a, &b, &c].iter().all(|m| owner_everywhere(m, i) == Some(addrs[0]))) && b.local().is_empty()
+    })
+    .await;
+    println!("b: {lost_b} claims refused at once, {} withdrawn after a's INSTALL", b.claims_lost());
+    assert_eq!(lost_b as u64 + b.claims_lost(), N as u64, "every one of b's claims lost to a's");
+    assert!(a.view_digest() == b.view_digest() && b.view_digest() == c.view_digest());
+    // The loser "removes its copies", as its proxy would when its connections end: nothing of
+    // the winner's goes.
+    for i in 0..N {
+        assert_eq!(b.remove(&contested(i)), None);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for m in [&b, &c] {
+        assert_eq!(m.database().len(), N, "{} keeps a's entries", m.address());
+    }
+    assert_eq!(a.local().len(), N);
+    for m in [a, b, c] {
+        m.shutdown(Duration::from_secs(1)).await;
+    }
+}

@@ -16,13 +16,31 @@
 //! Endpoint `a` is the lower of the two (address, port) pairs; `swapped` says the connection's
 //! source was endpoint `b`, so the originator's direction is kept for views. An IPv6 entry is
 //! the same with four address words (40 bytes).
+//!
+//! # Concurrent claims
+//!
+//! Two members may claim the same connection at once (both saw its first packet), or a new
+//! claim may reach a member before the REMOVE of an older one on another channel. The paper's
+//! "last INSTALL wins" then leaves members disagreeing for good, and the loser's REMOVE deletes
+//! the winner's entry wherever the loser's INSTALL came last. Here every member keeps, for a
+//! contested connection, the set of claims (one per member, with its action) and applies one
+//! rule on its own: **the claim of the member with the lowest id (the lowest cluster address)
+//! owns the connection**. The table holds the owning claim; the others wait in a small side
+//! map ([`Contest`]) and take over, in the same order, when the owner removes its claim or is
+//! purged. The result depends only on which claims exist, not on the order INSTALLs and
+//! REMOVEs arrive on different channels, so every member reaches the same owner by itself.
+//! This member's own claim (in its [`ConnectionTable`]) takes part too
+//! ([`ConnectionDatabase::local_claimed`]): when it wins, the table holds no peer's claim for
+//! the connection; when it loses, the caller withdraws it (the mesh sends REMOVE).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::flow::{Action, Connection, Protocol};
-use crate::table::{FlowTable, OCCUPIED};
+use crate::table::{FlowTable, KEY_MASK, OCCUPIED};
 
 /// Index of a cluster member in the sorted membership list; the owner of an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -63,6 +81,12 @@ pub enum InstallOutcome {
         previous_owner: MemberId,
         /// Action before.
         previous_action: Action,
+    },
+    /// The claim was recorded, but another member's claim (or this member's own) owns the
+    /// connection under the lowest-id rule; it takes over if that one goes.
+    Contested {
+        /// The claim that owns the connection.
+        owner: MemberId,
     },
 }
 
@@ -115,7 +139,7 @@ fn v6_slot(c: &Connection, owner: MemberId, action: Action, t: u32) -> [u64; 5] 
 
 /// A connection's table key, built once and used for several lookups of the same packet
 /// (the local table, then the database; the prefetch before them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LookupKey {
     /// An IPv4 connection's slot words.
     V4([u64; 2]),
@@ -178,6 +202,48 @@ pub struct ConnectionDatabase {
     started: Instant,
     /// Entries per owner and action, kept by writers for metrics and views.
     counts: Box<[[AtomicI64; 2]]>,
+    /// The member whose own claims live in its [`ConnectionTable`] (see the module docs).
+    me: Option<MemberId>,
+    /// Contested connections, by stripe of their key; every write to the table goes through
+    /// its key's stripe lock, so a connection's claims and its table slot change together.
+    contests: Box<[Mutex<HashMap<LookupKey, Contest>>]>,
+    /// Contested connections in all stripes.
+    contested: AtomicUsize,
+}
+
+const STRIPES: usize = 64;
+
+/// One claim on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Claim {
+    connection: Connection,
+    owner: MemberId,
+    action: Action,
+}
+
+/// The claims on one contested connection (see the module docs); the table holds the one
+/// with the lowest owner id, unless this member's own claim is lower.
+#[derive(Debug, Default)]
+struct Contest {
+    claims: Vec<Claim>,
+    /// This member claims the connection too (in its [`ConnectionTable`]).
+    local: bool,
+}
+
+/// The contest map key: the connection's key words, direction-independent.
+fn contest_key(c: &Connection) -> LookupKey {
+    match LookupKey::of(c) {
+        LookupKey::V4([a, m]) => LookupKey::V4([a, m & KEY_MASK]),
+        LookupKey::V6([a, b, c2, d, m]) => LookupKey::V6([a, b, c2, d, m & KEY_MASK]),
+    }
+}
+
+fn stripe_of(k: &LookupKey) -> usize {
+    let folded = match k {
+        LookupKey::V4(w) => w[0] ^ w[1].rotate_left(17),
+        LookupKey::V6(w) => w[0] ^ w[1].rotate_left(7) ^ w[2].rotate_left(23) ^ w[3].rotate_left(41) ^ w[4],
+    };
+    (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % STRIPES
 }
 
 impl Default for ConnectionDatabase {
@@ -187,13 +253,133 @@ impl Default for ConnectionDatabase {
 }
 
 impl ConnectionDatabase {
-    /// An empty database.
+    /// An empty database that holds no member's own claims.
     pub fn new() -> Self {
         ConnectionDatabase {
             v4: FlowTable::new(),
             v6: FlowTable::new(),
             started: Instant::now(),
             counts: (0..256).map(|_| [AtomicI64::new(0), AtomicI64::new(0)]).collect(),
+            me: None,
+            contests: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            contested: AtomicUsize::new(0),
+        }
+    }
+
+    /// An empty database of member `me`, whose own claims (in its [`ConnectionTable`]) take
+    /// part in contests through [`ConnectionDatabase::local_claimed`].
+    pub fn for_member(me: MemberId) -> Self {
+        ConnectionDatabase { me: Some(me), ..Self::new() }
+    }
+
+    fn stripe(&self, k: &LookupKey) -> MutexGuard<'_, HashMap<LookupKey, Contest>> {
+        self.contests[stripe_of(k)].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections with more than one claim right now.
+    pub fn contested(&self) -> usize {
+        self.contested.load(Ordering::Relaxed)
+    }
+
+    /// The table slot of `connection`: its owner and action.
+    fn main_of(&self, connection: &Connection) -> Option<(MemberId, Action, Connection)> {
+        self.lookup(connection).map(|e| (e.owner, e.action, e.connection))
+    }
+
+    fn write_main(&self, c: &Claim) -> Option<u64> {
+        let t = self.now_secs();
+        if c.connection.is_ipv4() {
+            self.v4.upsert(v4_slot(&c.connection, c.owner, c.action, t)).map(|s| s[1])
+        } else {
+            self.v6.upsert(v6_slot(&c.connection, c.owner, c.action, t)).map(|s| s[4])
+        }
+    }
+
+    fn clear_main(&self, connection: &Connection) -> Option<u64> {
+        let r = if connection.is_ipv4() {
+            self.v4.remove_if(&v4_slot(connection, MemberId(0), Action::Forward, 0), |_| true).map(|(s, _)| s[1])
+        } else {
+            self.v6.remove_if(&v6_slot(connection, MemberId(0), Action::Forward, 0), |_| true).map(|(s, _)| s[4])
+        };
+        if let Some(m) = r {
+            self.count(owner_of(m), action_of(m), -1);
+        }
+        r
+    }
+
+    /// Makes the table agree with a contest's claims (lock held): the lowest claim owns the
+    /// connection, or nobody here when this member's own claim is lower. Returns the owner.
+    fn settle(&self, connection: &Connection, contest: &Contest) -> Option<MemberId> {
+        let best = contest.claims.iter().min_by_key(|c| c.owner).copied();
+        let local_wins = contest.local && best.is_none_or(|b| self.me.is_some_and(|me| me < b.owner));
+        let current = self.main_of(connection);
+        if local_wins {
+            if current.is_some() {
+                self.clear_main(connection);
+            }
+            return self.me;
+        }
+        let b = best?;
+        if current != Some((b.owner, b.action, b.connection)) {
+            if let Some(m) = self.write_main(&b) {
+                self.count(owner_of(m), action_of(m), -1);
+            }
+            self.count(b.owner, b.action, 1);
+        }
+        Some(b.owner)
+    }
+
+    /// Drops a contest left with at most one claim (lock held): the table alone says it all.
+    fn tidy(&self, map: &mut HashMap<LookupKey, Contest>, key: &LookupKey) {
+        if map.get(key).is_some_and(|c| c.claims.len() + c.local as usize <= 1) {
+            map.remove(key);
+            self.contested.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The contest of `key`, opened from the table's slot if there is none yet (lock held).
+    fn open<'m>(
+        &self,
+        map: &'m mut HashMap<LookupKey, Contest>,
+        key: LookupKey,
+        connection: &Connection,
+    ) -> &'m mut Contest {
+        map.entry(key).or_insert_with(|| {
+            self.contested.fetch_add(1, Ordering::Relaxed);
+            let claims = self
+                .main_of(connection)
+                .map(|(owner, action, connection)| vec![Claim { connection, owner, action }])
+                .unwrap_or_default();
+            Contest { claims, local: false }
+        })
+    }
+
+    /// This member (see [`ConnectionDatabase::for_member`]) now claims `connection` in its
+    /// own table. Returns the owner under the lowest-id rule: this member (its claim stands;
+    /// no peer's claim stays in the table) or the peer whose claim beats it (the caller
+    /// withdraws its claim and calls [`ConnectionDatabase::local_ended`]).
+    pub fn local_claimed(&self, connection: &Connection) -> MemberId {
+        let me = self.me.expect("local claims need a member's database");
+        let key = contest_key(connection);
+        let mut map = self.stripe(&key);
+        if !map.contains_key(&key) && self.main_of(connection).is_none() {
+            return me;
+        }
+        let contest = self.open(&mut map, key, connection);
+        contest.local = true;
+        let owner = self.settle(connection, map.get(&key).expect("just opened")).unwrap_or(me);
+        self.tidy(&mut map, &key);
+        owner
+    }
+
+    /// This member no longer claims `connection`: the next claim, if any, takes over.
+    pub fn local_ended(&self, connection: &Connection) {
+        let key = contest_key(connection);
+        let mut map = self.stripe(&key);
+        if let Some(c) = map.get_mut(&key) {
+            c.local = false;
+            self.settle(connection, map.get(&key).expect("present"));
+            self.tidy(&mut map, &key);
         }
     }
 
@@ -206,49 +392,125 @@ impl ConnectionDatabase {
         self.counts[owner.0 as usize][(action == Action::Bypass) as usize].fetch_add(delta, Ordering::Relaxed);
     }
 
-    /// Installs `connection` as owned by `owner`; a later install by another member replaces
-    /// the owner (the sender of the latest INSTALL is the originating member).
+    /// Records `owner`'s claim on `connection`. Uncontested, the claim owns it; when another
+    /// member claims it too, the lowest member id owns it (module docs), whatever the order
+    /// the claims arrive in.
     pub fn install(&self, connection: &Connection, owner: MemberId, action: Action) -> InstallOutcome {
-        let t = self.now_secs();
-        let prev = if connection.is_ipv4() {
-            self.v4.upsert(v4_slot(connection, owner, action, t)).map(|s| s[1])
-        } else {
-            self.v6.upsert(v6_slot(connection, owner, action, t)).map(|s| s[4])
-        };
-        match prev {
-            None => {
-                self.count(owner, action, 1);
-                InstallOutcome::New
+        let key = contest_key(connection);
+        let mut map = self.stripe(&key);
+        if !map.contains_key(&key) {
+            let prev = self.write_main(&Claim { connection: *connection, owner, action });
+            match prev {
+                None => {
+                    self.count(owner, action, 1);
+                    return InstallOutcome::New;
+                }
+                Some(m) if owner_of(m) == owner && action_of(m) == action => return InstallOutcome::Unchanged,
+                Some(m) if owner_of(m) == owner => {
+                    self.count(owner, action_of(m), -1);
+                    self.count(owner, action, 1);
+                    return InstallOutcome::Replaced { previous_owner: owner, previous_action: action_of(m) };
+                }
+                Some(m) => {
+                    // Another member's claim was there: put it back, and contest.
+                    let previous = self.restore(connection, m);
+                    let contest = self.open(&mut map, key, connection);
+                    contest.claims.retain(|c| c.owner != owner);
+                    if !contest.claims.iter().any(|c| c.owner == previous.owner) {
+                        contest.claims.push(previous);
+                    }
+                    contest.claims.push(Claim { connection: *connection, owner, action });
+                    let now = self.settle(connection, map.get(&key).expect("open"));
+                    self.tidy(&mut map, &key);
+                    return match now {
+                        Some(o) if o == owner => InstallOutcome::Replaced {
+                            previous_owner: previous.owner,
+                            previous_action: previous.action,
+                        },
+                        Some(o) => InstallOutcome::Contested { owner: o },
+                        None => InstallOutcome::Contested { owner },
+                    };
+                }
             }
-            Some(m) if owner_of(m) == owner && action_of(m) == action => InstallOutcome::Unchanged,
-            Some(m) => {
-                self.count(owner_of(m), action_of(m), -1);
-                self.count(owner, action, 1);
-                InstallOutcome::Replaced { previous_owner: owner_of(m), previous_action: action_of(m) }
+        }
+        let before = self.main_of(connection);
+        let contest = map.get_mut(&key).expect("contested");
+        let unchanged = contest.claims.iter().any(|c| c.owner == owner && c.action == action);
+        contest.claims.retain(|c| c.owner != owner);
+        contest.claims.push(Claim { connection: *connection, owner, action });
+        let now = self.settle(connection, map.get(&key).expect("contested"));
+        self.tidy(&mut map, &key);
+        match (now, before) {
+            _ if unchanged => InstallOutcome::Unchanged,
+            (Some(o), Some((po, pa, _))) if o == owner => {
+                InstallOutcome::Replaced { previous_owner: po, previous_action: pa }
             }
+            (Some(o), None) if o == owner => InstallOutcome::New,
+            (Some(o), _) => InstallOutcome::Contested { owner: o },
+            (None, _) => InstallOutcome::Contested { owner },
         }
     }
 
-    /// Removes `connection` if `owner` owns it: only the originating member removes.
-    pub fn remove(&self, connection: &Connection, owner: MemberId) -> RemoveOutcome {
-        let allow = |m: u64| owner_of(m) == owner;
-        let r = if connection.is_ipv4() {
-            self.v4
-                .remove_if(&v4_slot(connection, owner, Action::Forward, 0), |s| allow(s[1]))
-                .map(|(s, ok)| (s[1], ok))
-        } else {
-            self.v6
-                .remove_if(&v6_slot(connection, owner, Action::Forward, 0), |s| allow(s[4]))
-                .map(|(s, ok)| (s[4], ok))
+    /// Puts back a slot's meta word `m` that an upsert of `connection` displaced, and returns
+    /// it as a claim.
+    fn restore(&self, connection: &Connection, m: u64) -> Claim {
+        // The displaced slot kept the connection's endpoints; its direction is in `m`.
+        let e = match LookupKey::of(connection) {
+            LookupKey::V4([a, _]) => v4_entry(&[a, m]),
+            LookupKey::V6([a, b, c, d, _]) => v6_entry(&[a, b, c, d, m]),
         };
-        match r {
-            None => RemoveOutcome::NotFound,
-            Some((m, true)) => {
-                self.count(owner_of(m), action_of(m), -1);
-                RemoveOutcome::Removed
-            }
-            Some((m, false)) => RemoveOutcome::NotOwner(owner_of(m)),
+        let claim = Claim { connection: e.connection, owner: e.owner, action: e.action };
+        // The upsert counted nothing yet: the displaced claim goes back as it was.
+        if e.connection.is_ipv4() {
+            let LookupKey::V4([a, _]) = LookupKey::of(connection) else { unreachable!() };
+            self.v4.upsert([a, m]);
+        } else {
+            let LookupKey::V6([a, b, c, d, _]) = LookupKey::of(connection) else { unreachable!() };
+            self.v6.upsert([a, b, c, d, m]);
         }
+        claim
+    }
+
+    /// Withdraws `owner`'s claim on `connection`; when it owned the connection, the next
+    /// claim (lowest member id) takes over.
+    pub fn remove(&self, connection: &Connection, owner: MemberId) -> RemoveOutcome {
+        let key = contest_key(connection);
+        let mut map = self.stripe(&key);
+        let Some(contest) = map.get_mut(&key) else {
+            let allow = |m: u64| owner_of(m) == owner;
+            let r = if connection.is_ipv4() {
+                self.v4
+                    .remove_if(&v4_slot(connection, owner, Action::Forward, 0), |s| allow(s[1]))
+                    .map(|(s, ok)| (s[1], ok))
+            } else {
+                self.v6
+                    .remove_if(&v6_slot(connection, owner, Action::Forward, 0), |s| allow(s[4]))
+                    .map(|(s, ok)| (s[4], ok))
+            };
+            return match r {
+                None => RemoveOutcome::NotFound,
+                Some((m, true)) => {
+                    self.count(owner_of(m), action_of(m), -1);
+                    RemoveOutcome::Removed
+                }
+                Some((m, false)) => RemoveOutcome::NotOwner(owner_of(m)),
+            };
+        };
+        let had = contest.claims.len();
+        contest.claims.retain(|c| c.owner != owner);
+        if contest.claims.len() == had {
+            return match self.main_of(connection) {
+                Some((o, _, _)) => RemoveOutcome::NotOwner(o),
+                None => RemoveOutcome::NotFound,
+            };
+        }
+        if contest.claims.is_empty() && !contest.local {
+            self.clear_main(connection);
+        } else {
+            self.settle(connection, map.get(&key).expect("contested"));
+        }
+        self.tidy(&mut map, &key);
+        RemoveOutcome::Removed
     }
 
     /// The entry for a packet of `connection`, in either direction. Never blocks.
@@ -299,6 +561,29 @@ impl ConnectionDatabase {
         let n = self.v4.purge(|s| owner_of(s[1]) == owner) + self.v6.purge(|s| owner_of(s[4]) == owner);
         for action in [Action::Forward, Action::Bypass] {
             self.counts[owner.0 as usize][(action == Action::Bypass) as usize].store(0, Ordering::Relaxed);
+        }
+        if self.contested() > 0 {
+            // The purged member's waiting claims go too; where it owned a contested
+            // connection, the next claim takes over.
+            for stripe in self.contests.iter() {
+                let mut map = stripe.lock().unwrap_or_else(|e| e.into_inner());
+                let keys: Vec<LookupKey> =
+                    map.iter().filter(|(_, c)| c.claims.iter().any(|x| x.owner == owner)).map(|(k, _)| *k).collect();
+                for k in keys {
+                    let c = map.get_mut(&k).expect("listed");
+                    let connection = c.claims[0].connection;
+                    c.claims.retain(|x| x.owner != owner);
+                    if !c.claims.is_empty() || c.local {
+                        self.settle(&connection, map.get(&k).expect("listed"));
+                    }
+                    if map.get(&k).is_some_and(|c| c.claims.is_empty() && !c.local) {
+                        map.remove(&k);
+                        self.contested.fetch_sub(1, Ordering::Relaxed);
+                    } else {
+                        self.tidy(&mut map, &k);
+                    }
+                }
+            }
         }
         n
     }
@@ -478,14 +763,16 @@ mod tests {
         db.install(&a, MemberId(1), Action::Forward);
         db.install(&b, MemberId(2), Action::Bypass);
         assert_eq!(db.remove(&a, MemberId(2)), RemoveOutcome::NotOwner(MemberId(1)));
-        assert_eq!(
-            db.install(&a, MemberId(2), Action::Forward),
-            InstallOutcome::Replaced { previous_owner: MemberId(1), previous_action: Action::Forward }
-        );
-        assert_eq!(db.purge_owner(MemberId(2)), 2);
-        assert!(db.is_empty());
-        assert_eq!(db.remove(&a, MemberId(2)), RemoveOutcome::NotFound);
+        // A second claim waits behind the lower member's.
+        assert_eq!(db.install(&a, MemberId(2), Action::Forward), InstallOutcome::Contested { owner: MemberId(1) });
+        assert_eq!(db.purge_owner(MemberId(2)), 1);
+        assert_eq!(db.len(), 1);
+        assert_eq!(db.owner_of(&a), Some((MemberId(1), Action::Forward)));
+        assert_eq!(db.remove(&a, MemberId(2)), RemoveOutcome::NotOwner(MemberId(1)));
         assert_eq!(db.count_of(MemberId(2), Action::Bypass), 0);
+        assert_eq!(db.purge_owner(MemberId(1)), 1);
+        assert!(db.is_empty());
+        assert_eq!(db.remove(&a, MemberId(1)), RemoveOutcome::NotFound);
     }
 
     #[test]
@@ -528,5 +815,113 @@ mod tests {
         assert_eq!(t.snapshot(), vec![(a, Action::Forward)]);
         assert_eq!(t.remove(&a), Some(Action::Forward));
         assert_eq!(t.remove(&a), None);
+    }
+
+    #[test]
+    fn concurrent_claims_go_to_the_lowest_member_in_any_order_and_removes_hand_over() {
+        let conn = c(Protocol::Tcp, "192.0.2.1:40000", "198.51.100.7:80");
+        for order in [[1u8, 2, 3], [3, 2, 1], [2, 3, 1], [2, 1, 3]] {
+            let db = ConnectionDatabase::new();
+            for o in order {
+                db.install(&conn, MemberId(o), Action::Forward);
+            }
+            assert_eq!(db.owner_of(&conn), Some((MemberId(1), Action::Forward)), "order {order:?}");
+            assert_eq!(db.count_of(MemberId(1), Action::Forward), 1);
+            assert_eq!((db.len(), db.contested()), (1, 1));
+            // The owner's REMOVE hands the connection to the next claim; a waiting claim's
+            // REMOVE changes nothing visible.
+            assert_eq!(db.remove(&conn, MemberId(3)), RemoveOutcome::Removed);
+            assert_eq!(db.owner_of(&conn), Some((MemberId(1), Action::Forward)));
+            assert_eq!(db.remove(&conn, MemberId(1)), RemoveOutcome::Removed);
+            assert_eq!(db.owner_of(&conn.reversed()), Some((MemberId(2), Action::Forward)));
+            assert_eq!((db.count_of(MemberId(1), Action::Forward), db.count_of(MemberId(2), Action::Forward)), (0, 1));
+            assert_eq!(db.contested(), 0, "one claim left: no contest");
+            assert_eq!(db.remove(&conn, MemberId(2)), RemoveOutcome::Removed);
+            assert!(db.is_empty());
+        }
+    }
+
+    #[test]
+    fn purging_the_owner_of_a_contested_connection_hands_it_over() {
+        let db = ConnectionDatabase::new();
+        let conn = c(Protocol::Udp, "[2001:db8::1]:53", "[2001:db8::2]:5353");
+        db.install(&conn, MemberId(4), Action::Bypass);
+        db.install(&conn, MemberId(2), Action::Forward);
+        assert_eq!(db.purge_owner(MemberId(2)), 1);
+        assert_eq!(db.owner_of(&conn), Some((MemberId(4), Action::Bypass)));
+        assert_eq!(db.count_of(MemberId(4), Action::Bypass), 1);
+        assert_eq!(db.contested(), 0);
+    }
+
+    #[test]
+    fn a_members_own_claim_takes_part() {
+        let db = ConnectionDatabase::for_member(MemberId(2));
+        let conn = c(Protocol::Tcp, "192.0.2.1:1", "192.0.2.2:2");
+        // A higher member's claim yields to ours: the table keeps no peer claim for it.
+        db.install(&conn, MemberId(5), Action::Forward);
+        assert_eq!(db.local_claimed(&conn), MemberId(2));
+        assert_eq!(db.lookup(&conn), None);
+        assert_eq!(db.count_of(MemberId(5), Action::Forward), 0);
+        // A lower member's claim beats ours.
+        assert_eq!(db.install(&conn, MemberId(1), Action::Forward), InstallOutcome::New);
+        assert_eq!(db.local_claimed(&conn), MemberId(1));
+        db.local_ended(&conn);
+        assert_eq!(db.owner_of(&conn), Some((MemberId(1), Action::Forward)));
+        // When the winner goes, the waiting higher claim takes over.
+        db.remove(&conn, MemberId(1));
+        assert_eq!(db.owner_of(&conn), Some((MemberId(5), Action::Forward)));
+    }
+
+    proptest::proptest! {
+        /// Every member applies the claims of each peer in that peer's order (one channel
+        /// per peer), but the channels interleave at random: the table ends the same.
+        #[test]
+        fn claims_settle_the_same_whatever_the_interleaving(
+            ops in proptest::collection::vec((1u8..5, 0usize..3, proptest::bool::ANY, proptest::bool::ANY), 0..60),
+            picks_a in proptest::collection::vec(0usize..4, 0..200),
+            picks_b in proptest::collection::vec(0usize..4, 0..200),
+        ) {
+            let conns = [
+                c(Protocol::Tcp, "192.0.2.1:1000", "198.51.100.1:80"),
+                c(Protocol::Tcp, "198.51.100.1:80", "192.0.2.1:1000"),
+                c(Protocol::Udp, "[2001:db8::1]:53", "[2001:db8::2]:53"),
+            ];
+            // Per owner: its own sequence of claims and withdrawals.
+            let mut per_owner: Vec<Vec<(usize, bool, bool)>> = vec![Vec::new(); 5];
+            for (o, k, install, bypass) in ops {
+                per_owner[o as usize].push((k, install, bypass));
+            }
+            let run = |picks: &[usize]| {
+                let db = ConnectionDatabase::new();
+                let mut at = [0usize; 5];
+                let apply = |o: usize, at: &mut [usize; 5]| {
+                    let (k, install, bypass) = per_owner[o][at[o]];
+                    at[o] += 1;
+                    if install {
+                        db.install(&conns[k], MemberId(o as u8), if bypass { Action::Bypass } else { Action::Forward });
+                    } else {
+                        db.remove(&conns[k], MemberId(o as u8));
+                    }
+                };
+                for &p in picks {
+                    let o = p + 1;
+                    if at[o] < per_owner[o].len() {
+                        apply(o, &mut at);
+                    }
+                }
+                for o in 1..5 {
+                    while at[o] < per_owner[o].len() {
+                        apply(o, &mut at);
+                    }
+                }
+                let view: Vec<_> = conns.iter().map(|k| db.owner_of(k)).collect();
+                let counts: Vec<_> = (1..5).map(|o| db.count_of(MemberId(o), Action::Forward) + db.count_of(MemberId(o), Action::Bypass)).collect();
+                (view, counts, db.len(), db.digest())
+            };
+            let (a, b) = (run(&picks_a), run(&picks_b));
+            proptest::prop_assert_eq!(&a, &b);
+            // The counts agree with the table.
+            proptest::prop_assert_eq!(a.1.iter().sum::<usize>(), a.2);
+        }
     }
 }

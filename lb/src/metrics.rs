@@ -390,6 +390,7 @@ impl MeshObserver for Metrics {
                 self.keepalive_timeouts.with_label_values(&[&peer.to_string()]).inc()
             }
             MeshEvent::OwnershipConflict { kind, .. } => self.conflicts.with_label_values(&[kind]).inc(),
+            MeshEvent::ClaimLost { .. } => self.conflicts.with_label_values(&["claim_withdrawn"]).inc(),
             MeshEvent::ChannelRefused { reason, .. } => self.refused.with_label_values(&[reason]).inc(),
             MeshEvent::InstallRefused { peer, reason } => {
                 self.installs_refused.with_label_values(&[peer.to_string().as_str(), reason]).inc()

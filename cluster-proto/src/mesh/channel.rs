@@ -219,15 +219,26 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                             continue;
                         }
                         let outcome = inner.db.install(&connection, p, action);
+                        // Our own claim takes part too: recorded first, checked second (the
+                        // other way round in Mesh::claim), so one of the two always sees both.
+                        if inner.local.lookup(&connection).is_some() {
+                            let owner = inner.db.local_claimed(&connection);
+                            if owner != inner.me {
+                                inner.withdraw(&connection, owner);
+                            }
+                        }
                         if let Some(listener) = inner.install_listener.load().as_ref() {
                             listener(&connection);
                         }
-                        if let InstallOutcome::Replaced { previous_owner, .. } = outcome {
-                            if previous_owner != p {
-                                inner
-                                    .observer
-                                    .on_event(&MeshEvent::OwnershipConflict { peer: remote, kind: "install_replaced" });
+                        let kind = match outcome {
+                            InstallOutcome::Replaced { previous_owner, .. } if previous_owner != p => {
+                                Some("install_replaced")
                             }
+                            InstallOutcome::Contested { .. } => Some("install_contested"),
+                            _ => None,
+                        };
+                        if let Some(kind) = kind {
+                            inner.observer.on_event(&MeshEvent::OwnershipConflict { peer: remote, kind });
                         }
                     }
                 }

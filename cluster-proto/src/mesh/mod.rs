@@ -121,6 +121,20 @@ enum Outgoing {
     Advertise(Arc<[u8]>, u64),
 }
 
+/// What [`Mesh::claim`] did with a claim on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Registered and sent to the peers.
+    Installed,
+    /// This member already claimed it with this action.
+    Unchanged,
+    /// A member with a lower id claims it: it owns the connection, this claim was dropped.
+    Lost {
+        /// The owning member's address.
+        owner: IpAddr,
+    },
+}
+
 /// Asks a channel task to close with a PEER_LEAVE code.
 struct CloseSignal {
     notify: Notify,
@@ -182,6 +196,8 @@ struct Inner {
     /// Woken when a peer loses its current channel (its dialer may dial again).
     peer_changed: Vec<Notify>,
     keepalive_timeouts: Vec<AtomicU64>,
+    /// This member's claims withdrawn because a lower member claimed the same connection.
+    claims_lost: AtomicU64,
     /// Per peer: the longest gap between bytes received on its current channel, in ms.
     max_silence_ms: Vec<AtomicU64>,
     next_channel: AtomicU64,
@@ -271,7 +287,7 @@ impl Mesh {
             me,
             port: listener.local_addr().map(|a| a.port()).unwrap_or(port),
             local: ConnectionTable::new(me),
-            db: ConnectionDatabase::new(),
+            db: ConnectionDatabase::for_member(me),
             outbound: Mutex::new((0..n).map(|_| None).collect()),
             peers: (0..n)
                 .map(|_| {
@@ -288,6 +304,7 @@ impl Mesh {
             peer_changed: (0..n).map(|_| Notify::new()).collect(),
             keepalive_timeouts: (0..n).map(|_| AtomicU64::new(0)).collect(),
             max_silence_ms: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            claims_lost: AtomicU64::new(0),
             next_channel: AtomicU64::new(1),
             messages: MessageCounters::default(),
             observer,
@@ -357,20 +374,40 @@ impl Mesh {
         self.inner.local.digest().wrapping_add(self.inner.db.digest())
     }
 
+    /// This member's claims withdrawn because a member with a lower id claimed the same
+    /// connection at the same time.
+    pub fn claims_lost(&self) -> u64 {
+        self.inner.claims_lost.load(Ordering::Relaxed)
+    }
+
     /// Control messages counted by type and action.
     pub fn messages(&self) -> &MessageCounters {
         &self.inner.messages
     }
 
     /// Registers a local connection and sends INSTALL_CONNECTION to every joined peer.
-    /// Returns false if it was already installed with this action (nothing is sent).
+    /// Returns false if it was already installed with this action, or if a peer with a lower
+    /// id already claims it (nothing is sent; see [`Mesh::claim`]).
     pub fn install(&self, connection: Connection, action: Action) -> bool {
+        self.claim(connection, action) == Claim::Installed
+    }
+
+    /// [`Mesh::install`], saying what happened to the claim.
+    pub fn claim(&self, connection: Connection, action: Action) -> Claim {
         let mut out = self.inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
         if !self.inner.local.insert(&connection, action) {
-            return false;
+            return Claim::Unchanged;
+        }
+        // Concurrent claims (database module docs): the lowest member id owns the
+        // connection. A peer's claim that beats ours makes ours void at once.
+        let owner = self.inner.db.local_claimed(&connection);
+        if owner != self.inner.me {
+            self.inner.local.remove(&connection);
+            self.inner.db.local_ended(&connection);
+            return Claim::Lost { owner: self.inner.addr(owner) };
         }
         self.inner.broadcast(&mut out, || Outgoing::Install(action, connection));
-        true
+        Claim::Installed
     }
 
     /// Unregisters a local connection and sends REMOVE_CONNECTION to every joined peer.
@@ -380,6 +417,8 @@ impl Mesh {
         let action = self.inner.local.remove(connection)?;
         let c = *connection;
         self.inner.broadcast(&mut out, || Outgoing::Remove(action, c));
+        // A peer's claim waiting behind ours takes over.
+        self.inner.db.local_ended(connection);
         Some(action)
     }
 
@@ -611,6 +650,21 @@ impl Inner {
         self.observer.on_event(&MeshEvent::PeerUp { peer: self.addr(peer) });
         tracing::info!(peer = %self.addr(peer), channel, ?role, version, "peer joined");
         true
+    }
+
+    /// A peer's claim beat this member's own claim on `connection` (database module docs):
+    /// drop ours and tell the peers with REMOVE, so that they drop our waiting claim too.
+    fn withdraw(&self, connection: &Connection, winner: MemberId) {
+        let mut out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(action) = self.local.remove(connection) {
+            let c = *connection;
+            self.broadcast(&mut out, || Outgoing::Remove(action, c));
+            self.db.local_ended(connection);
+            drop(out);
+            self.claims_lost.fetch_add(1, Ordering::Relaxed);
+            self.observer.on_event(&MeshEvent::ClaimLost { connection: c, owner: self.addr(winner) });
+            tracing::info!(connection = %c, owner = %self.addr(winner), "concurrent claim lost to a lower member, withdrawn");
+        }
     }
 
     /// A channel closed; if it was current, purge the peer's entries.

@@ -110,13 +110,22 @@ pub enum MeshEvent {
         /// Peer address.
         peer: IpAddr,
     },
-    /// A REMOVE named an entry owned by another member, or an INSTALL replaced another
-    /// member's entry.
+    /// A REMOVE named an entry owned by another member; or an INSTALL claimed a connection
+    /// another member claims too: "install_replaced" (its claim owns it now, the other
+    /// waits), "install_contested" (it waits behind a lower member's claim).
     OwnershipConflict {
         /// The sender.
         peer: IpAddr,
-        /// "remove_not_owner" or "install_replaced".
+        /// "remove_not_owner", "install_replaced" or "install_contested".
         kind: &'static str,
+    },
+    /// This member's own claim on a connection lost to a member with a lower id that claimed
+    /// it at the same time; it was withdrawn (REMOVE sent).
+    ClaimLost {
+        /// The connection.
+        connection: crate::flow::Connection,
+        /// The owning member.
+        owner: IpAddr,
     },
     /// An INSTALL was refused by the flood guard.
     InstallRefused {

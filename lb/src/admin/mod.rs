@@ -10,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use cluster_proto::mesh::Mesh;
+use cluster_proto::mesh::{Claim, Mesh};
 use cluster_proto::{Action, Connection, Protocol};
 use serde::{Deserialize, Serialize};
 
@@ -316,11 +316,21 @@ async fn install(State(s): State<AdminState>, body: Bytes) -> Response {
     match parse_request(&body) {
         Err(e) => error(StatusCode::BAD_REQUEST, e),
         Ok((c, action)) => {
-            let new = s.mesh.install(c, action);
-            let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+            let (status, installed) = match s.mesh.claim(c, action) {
+                Claim::Installed => (StatusCode::CREATED, true),
+                Claim::Unchanged => (StatusCode::OK, false),
+                Claim::Lost { owner } => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        format!(
+                        "{c} is claimed by member {owner}, whose claim wins (lower address); it owns the connection"
+                    ),
+                    )
+                }
+            };
             (
                 status,
-                Json(serde_json::json!({ "installed": new, "connection": c.to_string(), "action": action.as_str() })),
+                Json(serde_json::json!({ "installed": installed, "connection": c.to_string(), "action": action.as_str() })),
             )
                 .into_response()
         }
