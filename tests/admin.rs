@@ -23,7 +23,7 @@ use lb::admin::FlowsView;
 fn idle_and_excess_admin_connections_are_closed() {
     let port = free_port();
     let me = lo(141);
-    let d = Daemon::start_with(me, port, &[me], 1000, "max_connections = 8\nidle_timeout_ms = 500\n");
+    let d = Daemon::start_with(me, port, &[me], 1000, "max_connections = 8\nidle_timeout_ms = 500\n", &[]);
     let mut conns: Vec<TcpStream> = (0..20)
         .map(|_| {
             let s = TcpStream::connect(d.admin).unwrap();
@@ -106,7 +106,7 @@ fn four_full_reads_of_a_big_table_stream_without_silencing_the_member() {
     let (me, peer) = (lo(151), lo(152));
     // 500 ms keepalives, dead after 3 (a third of the default): a 1.5 s silence would purge
     // the member (before, the reads silenced it for 3.75 s).
-    let d = Daemon::start_with(me, port, &[me, peer], 500, "");
+    let d = Daemon::start_with(me, port, &[me, peer], 500, "", &[]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3 };
     let mut cfg = MeshConfig::uniform(peer, port, &[me, peer], session, Retries::Infinite);

@@ -16,6 +16,100 @@ fn lb_cli(args: &[&str]) -> std::process::Output {
     Command::new(LB).args(args).output().expect("lb runs")
 }
 
+/// The value of the sample line `series` (name and labels exactly), if present.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn fresh_member_exports_per_peer_counters_at_zero_and_a_metrics_only_listener() {
+    let port = free_port();
+    // The peers never run: every per-peer series must still be there, at 0.
+    let addrs = [lo(51), lo(52), lo(53)];
+    let metrics_listen = SocketAddr::new(addrs[0], free_port());
+    let a = Daemon::start_with(
+        addrs[0],
+        port,
+        &addrs,
+        200,
+        &format!("metrics_listen = \"{metrics_listen}\"\n"),
+        &["--log-format", "json"],
+    );
+    let m = a.metrics();
+    for peer in &addrs[1..] {
+        for series in [
+            format!("lb_installs_refused_total{{peer=\"{peer}\",reason=\"entry_limit\"}}"),
+            format!("lb_installs_refused_total{{peer=\"{peer}\",reason=\"rate_limit\"}}"),
+            format!("lb_keepalive_timeouts_total{{peer=\"{peer}\"}}"),
+            format!("lb_peer_down_total{{peer=\"{peer}\",reason=\"dead\"}}"),
+            format!("lb_peer_up{{peer=\"{peer}\"}}"),
+        ] {
+            assert_eq!(sample(&m, &series), Some(0.0), "{series} at 0 from the start:\n{m}");
+        }
+    }
+    assert_eq!(sample(&m, "lb_rejects_total{direction=\"sent\",reason=\"not_a_member\"}"), Some(0.0));
+    assert_eq!(sample(&m, "lb_channels_refused_total{reason=\"tls_handshake\"}"), Some(0.0));
+    assert_eq!(
+        sample(&m, "lb_control_messages_total{action=\"forward\",direction=\"in\",type=\"install_connection\"}"),
+        Some(0.0)
+    );
+    assert_eq!(sample(&m, "lb_version_fallbacks_total"), Some(0.0));
+    let build = m.lines().find(|l| l.starts_with("lb_build_info{")).expect("lb_build_info");
+    assert!(build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))) && build.ends_with(" 1"), "{build}");
+    assert!(sample(&m, "process_open_fds").is_some_and(|n| n > 0.0), "{m}");
+    assert!(sample(&m, "process_resident_memory_bytes").is_some_and(|n| n > 0.0), "{m}");
+    assert!(sample(&m, "process_start_time_seconds").is_some_and(|n| n > 1.0e9), "{m}");
+
+    // The metrics-only listener: the same families, and nothing else.
+    let (status, only) = lb::client::request(metrics_listen, "GET", "/metrics", None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(sample(&only, &format!("lb_keepalive_timeouts_total{{peer=\"{}\"}}", addrs[1])), Some(0.0));
+    let body = r#"{"protocol":"tcp","src":"192.0.2.1:1","dst":"192.0.2.2:2"}"#;
+    assert_eq!(lb::client::request(metrics_listen, "POST", "/connections", Some(body)).unwrap().0, 404);
+    assert_eq!(lb::client::request(metrics_listen, "GET", "/peers", None).unwrap().0, 404);
+    assert_eq!(lb::client::request(metrics_listen, "POST", "/metrics", Some("")).unwrap().0, 405);
+    assert_eq!(a.flows("").total, 0, "the listener installed nothing");
+
+    // --log-format json: one JSON object per line, no colour escapes in a file.
+    wait_until("the listener's log line", Duration::from_secs(5), || a.log().contains("metrics listener up"));
+    let log = a.log();
+    assert!(!log.contains('\u{1b}'), "no ANSI escapes when stderr is a file:\n{log}");
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(lines.iter().any(|v| v["fields"]["message"] == "metrics listener up"), "{log}");
+}
+
+#[test]
+fn identical_log_lines_are_throttled_and_counted() {
+    let port = free_port();
+    let addrs = [lo(56), lo(57)];
+    let a = Daemon::start_with(addrs[0], port, &addrs, 200, "[log]\nthrottle_burst = 3\nthrottle_window_s = 2\n", &[]);
+    let to = SocketAddr::new(addrs[0], port);
+    // 20 strangers: each is refused with PEER_REJECT(not_a_member) and one INFO line.
+    for _ in 0..20 {
+        let mut p = RawPeer::connect(lo(59), to);
+        p.send(&[3, 1, 1, 0]);
+        assert_eq!(p.read(4), [3, 4, 1, 0]);
+    }
+    let written = |log: &str| log.lines().filter(|l| l.contains("peering refused remote=")).count();
+    let suppressed = |log: &str| -> usize {
+        log.lines()
+            .filter(|l| l.contains("identical messages in 2 s: peering refused"))
+            .filter_map(|l| l.split("suppressed ").nth(1)?.split(' ').next()?.parse::<usize>().ok())
+            .sum()
+    };
+    wait_until("the throttle's summary", Duration::from_secs(10), || {
+        let log = a.log();
+        written(&log) + suppressed(&log) == 20
+    });
+    let log = a.log();
+    assert!(written(&log) < 20 && suppressed(&log) > 0, "{log}");
+    assert!(log.contains("WARN lb::log: suppressed"), "{log}");
+    // The metrics count every refusal.
+    let m = a.metrics();
+    assert_eq!(sample(&m, "lb_rejects_total{direction=\"sent\",reason=\"not_a_member\"}"), Some(20.0), "{m}");
+}
+
 #[test]
 fn kill_9_stop_and_sigterm_purge_entries_and_restart_resyncs() {
     let port = free_port();
@@ -113,7 +207,7 @@ fn cli_flows_peers_install_remove_and_metrics() {
         "lb_peers{state=\"established\"} 1",
         &format!("lb_entries{{action=\"forward\",owner=\"{}\"}} 1", addrs[0]),
         &format!("lb_entries{{action=\"bypass\",owner=\"{}\"}} 1", addrs[0]),
-        "lb_control_messages_total{action=\"FORWARD\",direction=\"in\",type=\"INSTALL_CONNECTION\"} 1",
+        "lb_control_messages_total{action=\"forward\",direction=\"in\",type=\"install_connection\"} 1",
         "lb_table_sync_seconds_count",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");

@@ -155,14 +155,12 @@ async fn concurrent_claims_end_with_one_owner_everywhere() {
     let (ra, rb) = (claim_all(a.clone()), claim_all(b.clone()));
     let (lost_a, lost_b) = (ra.await.unwrap(), rb.await.unwrap());
     assert_eq!(lost_a, 0, "the lowest member never loses a claim");
+    // The data plane asks the local table first, so that is the owner a member names. (A
+    // peer's INSTALL is recorded before the local claim is checked against it, so for an
+    // instant the table may hold the loser's claim under a's winning one; see below.)
     let owner_everywhere = |m: &Mesh, i: usize| {
         let k = contested(i);
         if m.local().lookup(&k).is_some() {
-            assert!(
-                m.database().lookup(&k).is_none(),
-                "{}: a local claim that wins leaves no peer claim in the table",
-                m.address()
-            );
             Some(m.address())
         } else {
             m.database().lookup(&k).and_then(|e| m.member_address(e.owner))
@@ -172,6 +170,9 @@ async fn concurrent_claims_end_with_one_owner_everywhere() {
         (0..N).all(|i| [&a, &b, &c].iter().all(|m| owner_everywhere(m, i) == Some(addrs[0]))) && b.local().is_empty()
     })
     .await;
+    for i in 0..N {
+        assert!(a.database().lookup(&contested(i)).is_none(), "a's winning claims leave no peer claim in its table");
+    }
     println!("b: {lost_b} claims refused at once, {} withdrawn after a's INSTALL", b.claims_lost());
     assert_eq!(lost_b as u64 + b.claims_lost(), N as u64, "every one of b's claims lost to a's");
     assert!(a.view_digest() == b.view_digest() && b.view_digest() == c.view_digest());

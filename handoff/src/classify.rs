@@ -85,6 +85,27 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, so that metrics can export each one from the start.
+    pub const ALL: [Reason; 17] = [
+        Reason::LocalFlow,
+        Reason::RemoteFlow,
+        Reason::Bypassed,
+        Reason::NewLocal,
+        Reason::NewBypass,
+        Reason::NewHandoff,
+        Reason::HandoffPending,
+        Reason::Partial,
+        Reason::PartialExpired,
+        Reason::IcmpLocal,
+        Reason::IcmpSteered,
+        Reason::Fragment,
+        Reason::Other,
+        Reason::LocalOutput,
+        Reason::DecapLocal,
+        Reason::DecapNew,
+        Reason::DecapUnknown,
+    ];
+
     /// snake_case name for metric labels.
     pub fn name(self) -> &'static str {
         match self {
@@ -299,5 +320,43 @@ impl Classifier {
             return decide(Verdict::AcceptLocal { connection: *c, action: Action::Forward }, Reason::DecapNew);
         }
         decide(Verdict::Accept, Reason::DecapUnknown)
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::Reason;
+
+    /// Its position in [`Reason::ALL`]; a match without a wildcard, so a new variant does not
+    /// compile until it is given a place there.
+    fn position(r: Reason) -> usize {
+        match r {
+            Reason::LocalFlow => 0,
+            Reason::RemoteFlow => 1,
+            Reason::Bypassed => 2,
+            Reason::NewLocal => 3,
+            Reason::NewBypass => 4,
+            Reason::NewHandoff => 5,
+            Reason::HandoffPending => 6,
+            Reason::Partial => 7,
+            Reason::PartialExpired => 8,
+            Reason::IcmpLocal => 9,
+            Reason::IcmpSteered => 10,
+            Reason::Fragment => 11,
+            Reason::Other => 12,
+            Reason::LocalOutput => 13,
+            Reason::DecapLocal => 14,
+            Reason::DecapNew => 15,
+            Reason::DecapUnknown => 16,
+        }
+    }
+
+    #[test]
+    fn all_lists_every_reason_once_with_distinct_names() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(position(*r), i, "{r:?}");
+        }
+        let names: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), Reason::ALL.len());
     }
 }

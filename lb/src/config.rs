@@ -38,6 +38,56 @@ pub struct Config {
     /// and the dictionary statistics this member advertises.
     #[serde(default)]
     pub affinity: AffinitySection,
+    /// `[log]`: log format, level and throttle.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[log]`: how the daemon logs (the `--log-format` and `--log-level` flags win).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// "text" or "json".
+    #[serde(default)]
+    pub format: crate::logging::LogFormat,
+    /// A level or filter directives ("info", "info,cluster_proto=debug"); `RUST_LOG` wins.
+    #[serde(default)]
+    pub level: Option<String>,
+    /// Identical messages written per window; the rest are counted. 0: no throttle.
+    #[serde(default = "default_throttle_burst")]
+    pub throttle_burst: u32,
+    /// The throttle's window, in seconds.
+    #[serde(default = "default_throttle_window_s")]
+    pub throttle_window_s: u64,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every [log] key has a default")
+    }
+}
+
+fn default_throttle_burst() -> u32 {
+    10
+}
+fn default_throttle_window_s() -> u64 {
+    60
+}
+
+impl LogSection {
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(l) = &self.level {
+            crate::logging::check_filter(l).map_err(|e| invalid("log.level", e))?;
+        }
+        if !(1..=3600).contains(&self.throttle_window_s) {
+            return Err(invalid(
+                "log.throttle_window_s",
+                format!("must be between 1 and 3600, got {}", self.throttle_window_s),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[affinity]`: settings of the affinity engine; they must be the same on every member so
@@ -471,6 +521,10 @@ pub struct Admin {
     /// is closed.
     #[serde(default = "default_admin_idle")]
     pub idle_timeout_ms: u64,
+    /// A second listener that serves only `GET /metrics` (for a scraper that must not reach
+    /// `POST`/`DELETE /connections`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Admin {
@@ -479,6 +533,7 @@ impl Default for Admin {
             listen: default_admin(),
             max_connections: default_admin_connections(),
             idle_timeout_ms: default_admin_idle(),
+            metrics_listen: None,
         }
     }
 }
@@ -698,6 +753,12 @@ impl Config {
         c.mesh()?;
         c.affinity.validate()?;
         c.admin.validate()?;
+        c.log.validate()?;
+        if let Some(m) = c.admin.metrics_listen {
+            if m == c.admin.listen {
+                return Err(invalid("admin.metrics_listen", "must differ from admin.listen"));
+            }
+        }
         if let Some(d) = &c.dataplane {
             d.validate()?;
             for o in &d.owners {
@@ -1105,6 +1166,32 @@ listen = "127.0.0.1:9741"
             ("chain_bogus = 1", "chain_bogus"),
         ] {
             let e = err(&format!("{GOOD}{PROXY}{extra}\n"));
+            assert!(e.contains(want), "error {e:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn log_section_and_metrics_listener() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!((c.log.format, c.log.level.as_deref()), (crate::logging::LogFormat::Text, None));
+        assert_eq!((c.log.throttle_burst, c.log.throttle_window_s, c.admin.metrics_listen), (10, 60, None));
+        let c = Config::parse(&format!(
+            "{GOOD}metrics_listen = \"0.0.0.0:9742\"\n[log]\nformat = \"json\"\nlevel = \"info,cluster_proto=debug\"\n\
+             throttle_burst = 0\nthrottle_window_s = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.log.format, crate::logging::LogFormat::Json);
+        assert_eq!(c.log.level.as_deref(), Some("info,cluster_proto=debug"));
+        assert_eq!((c.log.throttle_burst, c.log.throttle_window_s), (0, 5));
+        assert_eq!(c.admin.metrics_listen, Some("0.0.0.0:9742".parse().unwrap()));
+        for (extra, want) in [
+            ("[log]\nformat = \"xml\"", "format"),
+            ("[log]\nlevel = \"info,lb=loud\"", "log.level"),
+            ("[log]\nthrottle_window_s = 0", "log.throttle_window_s"),
+            ("[log]\ncolour = true", "colour"),
+            ("metrics_listen = \"127.0.0.1:9741\"", "admin.metrics_listen"),
+        ] {
+            let e = err(&format!("{GOOD}{extra}\n"));
             assert!(e.contains(want), "error {e:?} should mention {want:?}");
         }
     }

@@ -1,6 +1,5 @@
 //! `lb run`: the member daemon.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,8 +10,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 /// Runs a member until SIGTERM or SIGINT, then leaves the cluster with PEER_LEAVE.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+pub async fn run(config: Config) -> anyhow::Result<()> {
     raise_descriptor_limit();
     let mut mesh_config = config.mesh()?;
     mesh_config.tls = config.tls_settings()?;
@@ -25,6 +23,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     let metrics = Metrics::new();
     let mesh = Mesh::start(mesh_config, metrics.clone()).await?;
+    metrics.set_mesh(&mesh);
     tracing::info!(address = %mesh.address(), port = mesh.port(), members = mesh.members().len(), "member started");
     // The admin API first: everything after it installs system state (rules, routes), and
     // must not be left behind if a later step fails.
@@ -55,6 +54,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
     tracing::info!(listen = %config.admin.listen, "admin API up");
+    let metrics_listener = match config.admin.metrics_listen {
+        Some(listen) => {
+            let mut stop = stop_rx.clone();
+            let task = crate::metrics_listener::serve(listen, mesh.clone(), metrics.clone(), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .with_context(|| format!("cannot listen on admin.metrics_listen {listen}"))?;
+            tracing::info!(%listen, "metrics listener up");
+            Some(task)
+        }
+        None => None,
+    };
     let dataplane = match (&config.dataplane, &steering) {
         (Some(d), Some(st)) => {
             let dp = crate::dataplane::start(d, st.clone(), &mesh)?;
@@ -118,6 +130,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     drop(_proxy_rules);
     mesh.shutdown(Duration::from_secs(2)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+    if let Some(task) = metrics_listener {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     tracing::info!("left the cluster");
     Ok(())
 }

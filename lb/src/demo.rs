@@ -91,6 +91,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             key.as_bytes(),
         )?));
         let mesh = Mesh::start(config, metrics.clone()).await.with_context(|| format!("starting member {a}"))?;
+        metrics.set_mesh(&mesh);
         let listen = SocketAddr::new(a, admin_port);
         admin::serve(
             listen,

@@ -13,6 +13,13 @@ use lb::client;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format of `lb run` and `lb demo` (default: the config's log.format, else text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<lb::logging::LogFormat>,
+    /// Log level or filter directives, e.g. debug or info,cluster_proto=debug (wins over
+    /// RUST_LOG, which wins over the config's log.level; default info).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -123,11 +130,14 @@ struct ConnArgs {
     dst: SocketAddr,
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+fn init_logs(flags: &LogFlags, config: Option<&lb::config::LogSection>) -> anyhow::Result<()> {
+    let env = std::env::var("RUST_LOG").ok();
+    let s = lb::logging::LogSettings::resolve(flags.0, flags.1.as_deref(), env.as_deref(), config);
+    lb::logging::init(&s)
 }
+
+/// `--log-format` and `--log-level`.
+struct LogFlags(Option<lb::logging::LogFormat>, Option<String>);
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
@@ -147,10 +157,12 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let log_flags = LogFlags(cli.log_format, cli.log_level);
     match cli.command {
         Command::Run { config } => {
-            init_logs();
-            runtime()?.block_on(lb::daemon::run(&config))
+            let c = lb::config::Config::load(&config)?;
+            init_logs(&log_flags, Some(&c.log))?;
+            runtime()?.block_on(lb::daemon::run(c))
         }
         Command::CheckConfig { config } => {
             let c = lb::config::Config::load(&config)?;
@@ -249,8 +261,8 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { connections, keep_running } => {
-            if std::env::var_os("RUST_LOG").is_some() {
-                init_logs();
+            if std::env::var_os("RUST_LOG").is_some() || log_flags.1.is_some() {
+                init_logs(&log_flags, None)?;
             }
             runtime()?.block_on(lb::demo::run(lb::demo::DemoOptions { connections, keep_running }))
         }

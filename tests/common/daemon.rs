@@ -55,11 +55,19 @@ pub fn config(me: IpAddr, port: u16, members: &[IpAddr], admin: SocketAddr, keep
 
 impl Daemon {
     pub fn start(me: IpAddr, port: u16, members: &[IpAddr], keepalive_ms: u64) -> Daemon {
-        Daemon::start_with(me, port, members, keepalive_ms, "")
+        Daemon::start_with(me, port, members, keepalive_ms, "", &[])
     }
 
-    /// [`Daemon::start`] with `extra` appended to the configuration file.
-    pub fn start_with(me: IpAddr, port: u16, members: &[IpAddr], keepalive_ms: u64, extra: &str) -> Daemon {
+    /// [`Daemon::start`] with `extra` appended to the configuration file (which ends in its
+    /// `[admin]` section) and `args` added to `lb run`.
+    pub fn start_with(
+        me: IpAddr,
+        port: u16,
+        members: &[IpAddr],
+        keepalive_ms: u64,
+        extra: &str,
+        args: &[&str],
+    ) -> Daemon {
         let dir = TempDir::new("daemon");
         let admin = SocketAddr::new(me, free_port());
         let cfg = dir.0.join("lb.toml");
@@ -68,6 +76,7 @@ impl Daemon {
         let child = Command::new(LB)
             .args(["run", "--config"])
             .arg(&cfg)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
