@@ -42,6 +42,10 @@ pub const MIN_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 32;
 /// Header flag: the encoder may send zstd-compressed bodies (type bit [`COMPRESSED`]).
 pub const FLAG_ZSTD: u8 = 0x01;
+/// Header flag: the encoder works on its pair's shared dictionary (docs/codec.md section
+/// 3.2): references are resolved by content, not in lockstep, and the decoder must share its
+/// pair's dictionary too.
+pub const FLAG_SHARED: u8 = 0x02;
 /// Type-byte bit marking a LITERAL, DEFINE or REPAIR body whose bytes are zstd-compressed.
 pub const COMPRESSED: u8 = 0x80;
 /// Largest frame body accepted: a maximal chunk plus its id and length fields.
@@ -58,7 +62,7 @@ pub mod field {
     pub const MAGIC: Range<usize> = 0..4;
     /// Framing version, [`super::VERSION`].
     pub const VERSION: usize = 4;
-    /// Flags, [`super::FLAG_ZSTD`]; other bits must be zero.
+    /// Flags, [`super::FLAG_ZSTD`] and [`super::FLAG_SHARED`]; other bits must be zero.
     pub const FLAGS: usize = 5;
     /// Zero.
     pub const RESERVED: Range<usize> = 6..8;
@@ -150,7 +154,7 @@ pub struct StreamHeader {
     /// Framing version: [`VERSION`] when written by this build, [`MIN_VERSION`]..=[`VERSION`]
     /// when parsed.
     pub version: u8,
-    /// [`FLAG_ZSTD`] or 0.
+    /// [`FLAG_ZSTD`], [`FLAG_SHARED`], or 0.
     pub flags: u8,
     /// The encoder's store epoch.
     pub epoch: u32,
@@ -187,7 +191,7 @@ impl StreamHeader {
             return Err(DecodeError::HeaderChecksum);
         }
         let flags = b[field::FLAGS];
-        if flags & !FLAG_ZSTD != 0 || b[field::RESERVED] != [0, 0] {
+        if flags & !(FLAG_ZSTD | FLAG_SHARED) != 0 || b[field::RESERVED] != [0, 0] {
             return Err(DecodeError::UnsupportedFlags(flags));
         }
         Ok(Self {
@@ -268,6 +272,10 @@ pub enum DecodeError {
     /// Unknown header flags or non-zero reserved bytes.
     #[error("unsupported stream header flags {0:#04x}")]
     UnsupportedFlags(u8),
+    /// The stream says shared dictionary and the decoder has its own, or the other way round.
+    /// (The value: whether the stream's is shared.)
+    #[error("dictionary mode mismatch: stream shared = {0}, decoder shared = the opposite")]
+    SharedMismatch(bool),
     /// The stream header's check does not match.
     #[error("stream header checksum mismatch")]
     HeaderChecksum,

@@ -12,16 +12,20 @@
 //!
 //! The affinity half is [`affinity`].
 //!
-//! A pair's dictionary is one [`Store`] on each side, owned by one encoder (downstream) and one
-//! decoder (upstream) at a time: the stores stay identical only if both see the same token
-//! stream, so connections of a pair either share one multiplexed stream or use their own store.
+//! A pair's dictionary is one [`Store`] on each side and direction. Either one encoder and one
+//! decoder own it at a time, and the two copies stay identical in lockstep; or it is a
+//! [`SharedStore`] used by all of the pair's concurrent connections at once, and references
+//! are resolved by content, with a bounded wait for chunks still in flight on another
+//! connection and a REPAIR for those that are gone ([`shared`]; docs/codec.md section 3.2).
 
 pub mod affinity;
 pub mod chunk;
 pub mod codec;
 pub mod sample;
+pub mod shared;
 pub mod store;
 
 pub use chunk::{ChunkId, Chunker, ChunkerConfig};
 pub use codec::{DecodeError, Decoder, DecoderConfig, Encoder, EncoderConfig, Event, Nack, NackKind};
+pub use shared::SharedStore;
 pub use store::Store;

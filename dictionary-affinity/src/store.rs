@@ -117,6 +117,34 @@ pub struct Store {
     /// `last_use` is stale and skipped (a touch pushes a new item instead of moving one).
     order: VecDeque<(u64, ChunkId)>,
     stats: StoreStats,
+    /// Ids evicted lately (off unless [`Store::log_evictions`]): not part of the dictionary's
+    /// content, never saved or compared.
+    evicted: Option<Box<EvictionLog>>,
+}
+
+/// The last `cap` ids a store evicted, for a shared decoder to tell "evicted here" (NACK now)
+/// from "defined on another connection and still on its way" (wait for it).
+#[derive(Debug, Clone, Default)]
+struct EvictionLog {
+    cap: usize,
+    order: VecDeque<ChunkId>,
+    ids: std::collections::HashSet<ChunkId, BuildHasherDefault<IdHasher>>,
+}
+
+impl EvictionLog {
+    fn push(&mut self, id: ChunkId) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.order.len() == self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+        }
+    }
 }
 
 impl Store {
@@ -136,7 +164,20 @@ impl Store {
             entries: HashMap::default(),
             order: VecDeque::new(),
             stats: StoreStats::default(),
+            evicted: None,
         }
+    }
+
+    /// Remembers the last `cap` evicted ids (16 bytes each, plus set overhead), for
+    /// [`Store::recently_evicted`]. Zero turns the log off.
+    pub fn log_evictions(&mut self, cap: usize) {
+        self.evicted = (cap > 0).then(|| Box::new(EvictionLog { cap, ..EvictionLog::default() }));
+    }
+
+    /// Whether `id` is among the last evicted ids (and not held again since); always false
+    /// unless [`Store::log_evictions`] is on.
+    pub fn recently_evicted(&self, id: ChunkId) -> bool {
+        !self.entries.contains_key(&id) && self.evicted.as_ref().is_some_and(|l| l.ids.contains(&id))
     }
 
     /// The epoch: both peers agree on it, and a reset moves to a new one.
@@ -231,7 +272,8 @@ impl Store {
     /// Empties the store and starts `epoch` (a RESET).
     pub fn reset(&mut self, epoch: u32) {
         let stats = StoreStats { resets: self.stats.resets + 1, ..self.stats };
-        *self = Self { stats, ..Self::with_epoch(self.budget, epoch) };
+        let evicted = self.evicted.take().map(|l| Box::new(EvictionLog { cap: l.cap, ..EvictionLog::default() }));
+        *self = Self { stats, evicted, ..Self::with_epoch(self.budget, epoch) };
     }
 
     /// Ids from least to most recently used: the eviction order.
@@ -247,6 +289,9 @@ impl Store {
                 self.used -= len + ENTRY_OVERHEAD;
                 self.stats.evictions += 1;
                 self.stats.evicted_bytes += len;
+                if let Some(log) = self.evicted.as_mut() {
+                    log.push(id);
+                }
                 return;
             }
         }

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    get_varint, parse_frame, DecodeError, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_ZSTD, HEADER_LEN,
-    MAX_CARRY,
+    get_varint, parse_frame, DecodeError, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_SHARED, FLAG_ZSTD,
+    HEADER_LEN, MAX_CARRY,
 };
 use crate::chunk::{ChunkId, MAX_CHUNK};
+use crate::shared::{Dict, SharedStore, StoreRef};
 use crate::store::{chunk_check, Store};
 
 /// Limits of a [`Decoder`].
@@ -60,6 +61,11 @@ pub struct DecoderStats {
     pub referenced_bytes: u64,
     /// Bytes of referenced chunks resolved by a REPAIR (whole chunks).
     pub repaired_bytes: u64,
+    /// Shared dictionary: references that found their chunk only after waiting for another
+    /// connection of the pair to define it.
+    pub waited: u64,
+    /// Shared dictionary: references NACKed after the wait ([`Decoder::fetch`]).
+    pub fetched: u64,
     /// Output bytes sent ahead of their chunk (CARRY, CARRY_REF).
     pub carried_bytes: u64,
     /// NACKs this decoder asked to send.
@@ -80,9 +86,10 @@ struct Pending {
     body: Range<usize>,
 }
 
-/// The decoding half of a proxy chain: owns the pair's [`Store`] while the stream lasts.
+/// The decoding half of a proxy chain: owns the pair's [`Store`] while the stream lasts, or
+/// shares it with the pair's other connections ([`Decoder::shared`]).
 pub struct Decoder {
-    store: Store,
+    dict: Dict,
     config: DecoderConfig,
     header: Option<StreamHeader>,
     /// Bytes output by CARRY / CARRY_REF whose chunk has not completed yet: the beginning of
@@ -103,6 +110,9 @@ pub struct Decoder {
     repairs: HashMap<ChunkId, Arc<[u8]>>,
     nacked: HashSet<ChunkId>,
     blocked: Option<ChunkId>,
+    /// Shared dictionary: output waits for this chunk to be defined by another connection
+    /// (not NACKed yet).
+    waiting: Option<ChunkId>,
     desync_reported: bool,
     events: VecDeque<Event>,
     error: Option<DecodeError>,
@@ -115,7 +125,7 @@ impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Decoder")
             .field("header", &self.header)
-            .field("epoch", &self.store.epoch())
+            .field("shared", &self.dict.is_shared())
             .field("buffered", &self.buf.len())
             .field("blocked", &self.blocked)
             .field("error", &self.error)
@@ -128,8 +138,22 @@ impl Decoder {
     /// A decoder for a new stream over `store` (the pair's dictionary, same budget as the
     /// encoder's).
     pub fn new(store: Store, config: DecoderConfig) -> Self {
+        Self::with_dict(Dict::Own(store), config)
+    }
+
+    /// A decoder for a new stream over a pair's dictionary shared with the pair's other
+    /// connections (docs/codec.md section 3.2). A reference to a chunk it does not hold, and
+    /// has not evicted lately, may be defined on another connection still in flight: output
+    /// then waits ([`Decoder::waiting_for`]) until the chunk arrives (call
+    /// [`Decoder::decode`] with no input when the store's generation changes) or the caller's
+    /// bound runs out ([`Decoder::fetch`]).
+    pub fn shared(store: SharedStore, config: DecoderConfig) -> Self {
+        Self::with_dict(Dict::Shared(store), config)
+    }
+
+    fn with_dict(dict: Dict, config: DecoderConfig) -> Self {
         Self {
-            store,
+            dict,
             config,
             header: None,
             carry: Vec::new(),
@@ -144,6 +168,7 @@ impl Decoder {
             repairs: HashMap::new(),
             nacked: HashSet::new(),
             blocked: None,
+            waiting: None,
             desync_reported: false,
             events: VecDeque::new(),
             error: None,
@@ -153,14 +178,14 @@ impl Decoder {
         }
     }
 
-    /// The dictionary.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The dictionary (locked while the answer lives, when shared).
+    pub fn store(&self) -> StoreRef<'_> {
+        self.dict.view()
     }
 
-    /// Ends the stream and hands back the dictionary.
+    /// Ends the stream and hands back the dictionary (a copy when shared).
     pub fn into_store(self) -> Store {
-        self.store
+        self.dict.into_store()
     }
 
     /// The counters.
@@ -181,6 +206,24 @@ impl Decoder {
     /// The chunk whose REPAIR output is waiting for, if any.
     pub fn blocked_on(&self) -> Option<ChunkId> {
         self.blocked
+    }
+
+    /// Shared dictionary: the chunk output waits for another connection to define, not yet
+    /// NACKed. The caller retries ([`Decoder::decode`] with no input) when the shared store's
+    /// generation changes, and calls [`Decoder::fetch`] once its wait bound has passed.
+    pub fn waiting_for(&self) -> Option<ChunkId> {
+        self.waiting
+    }
+
+    /// Stops waiting for the chunk of [`Decoder::waiting_for`]: NACKs it, so the encoder
+    /// sends it as REPAIR (polled as an event). Nothing happens if output no longer waits.
+    pub fn fetch(&mut self) {
+        if let Some(id) = self.waiting.take() {
+            if self.nacked.insert(id) {
+                self.stats.fetched += 1;
+                self.send_nack(Nack { kind: NackKind::Missing, epoch: self.apply_epoch, id });
+            }
+        }
     }
 
     /// The next thing the caller must do (send or hand over a NACK).
@@ -333,8 +376,15 @@ impl Decoder {
     }
 
     fn on_header(&mut self, h: StreamHeader) -> Result<(), DecodeError> {
-        if h.budget != self.store.budget() {
-            return Err(DecodeError::BudgetMismatch { encoder: h.budget, decoder: self.store.budget() });
+        let shared = h.flags & FLAG_SHARED != 0;
+        if shared != self.dict.is_shared() {
+            return Err(DecodeError::SharedMismatch(shared));
+        }
+        let store = self.dict.view();
+        let (budget, epoch, digest) = (store.budget(), store.epoch(), store.digest());
+        drop(store);
+        if h.budget != budget {
+            return Err(DecodeError::BudgetMismatch { encoder: h.budget, decoder: budget });
         }
         if h.flags & FLAG_ZSTD != 0 {
             self.zstd = Some(zstd::bulk::Decompressor::new().expect("zstd context"));
@@ -342,7 +392,8 @@ impl Decoder {
         self.header = Some(h);
         self.scan_epoch = h.epoch;
         self.apply_epoch = h.epoch;
-        if h.epoch != self.store.epoch() || h.digest != self.store.digest() {
+        // A shared dictionary has no lockstep: its digest says nothing about the peer's.
+        if !shared && (h.epoch != epoch || h.digest != digest) {
             self.desync_reported = true;
             self.send_nack(Nack { kind: NackKind::Desync, epoch: h.epoch, id: ChunkId(0) });
         }
@@ -351,11 +402,17 @@ impl Decoder {
 
     /// NACKs a reference now if nothing between here and its turn can supply the chunk.
     fn nack_early(&mut self, id: ChunkId, len: usize, check: u32) {
-        let kind = match self.store.get(id) {
+        let shared = self.dict.is_shared();
+        let store = self.dict.view();
+        let kind = match store.get(id) {
             Some(c) if c.bytes().len() == len && c.check() == check => return,
             Some(_) => NackKind::Mismatch,
+            // Shared: another connection may define it before its turn here; only a chunk we
+            // evicted lately is surely gone.
+            None if shared && !store.recently_evicted(id) => return,
             None => NackKind::Missing,
         };
+        drop(store);
         if self.repairs.contains_key(&id) || self.scan_defined.contains_key(&id) || self.nacked.contains(&id) {
             return;
         }
@@ -371,6 +428,7 @@ impl Decoder {
     /// Applies queued frames in stream order until one cannot be resolved yet.
     fn apply(&mut self, out: &mut Vec<u8>) -> Result<(), DecodeError> {
         self.blocked = None;
+        let was_waiting = self.waiting.take();
         while let Some(p) = self.frames.front() {
             let offset = p.offset;
             let ty = p.ty;
@@ -388,9 +446,10 @@ impl Decoder {
                     if ChunkId::of(bytes) != id {
                         return Err(DecodeError::ChunkIdMismatch { offset });
                     }
-                    if self.store.define(id, Arc::from(bytes)).is_none() {
+                    if self.dict.lock().define(id, Arc::from(bytes)).is_none() {
                         return Err(DecodeError::Malformed { offset, what: "DEFINE larger than the budget" });
                     }
+                    self.dict.bump();
                     out.extend_from_slice(bytes);
                     self.stats.defined_bytes += bytes.len() as u64;
                     self.applied_define(id);
@@ -458,9 +517,10 @@ impl Decoder {
                     if ChunkId::of(&chunk) != id {
                         return Err(DecodeError::ChunkIdMismatch { offset });
                     }
-                    if self.store.define(id, Arc::from(chunk)).is_none() {
+                    if self.dict.lock().define(id, Arc::from(chunk)).is_none() {
                         return Err(malformed("DEFINE larger than the budget"));
                     }
+                    self.dict.bump();
                     out.extend_from_slice(bytes);
                     self.carry.drain(..carried);
                     self.stats.defined_bytes += (carried + bytes.len()) as u64;
@@ -482,14 +542,14 @@ impl Decoder {
                 }
                 TokenType::Reset => {
                     let epoch = u32::from_be_bytes(body.try_into().expect("scan checked"));
-                    self.store.reset(epoch);
+                    self.dict.lock().reset(epoch);
                     self.apply_epoch = epoch;
                     self.desync_reported = false;
                     self.stats.resets += 1;
                 }
                 TokenType::Checkpoint => {
                     let digest = u64::from_be_bytes(body.try_into().expect("scan checked"));
-                    if digest != self.store.digest() && !self.desync_reported {
+                    if !self.dict.is_shared() && digest != self.dict.view().digest() && !self.desync_reported {
                         self.desync_reported = true;
                         self.send_nack(Nack { kind: NackKind::Desync, epoch: self.apply_epoch, id: ChunkId(0) });
                     }
@@ -498,6 +558,9 @@ impl Decoder {
             }
             self.frames.pop_front();
         }
+        if was_waiting.is_some() && self.waiting != was_waiting {
+            self.stats.waited += 1;
+        }
         Ok(())
     }
 }
@@ -505,7 +568,7 @@ impl Decoder {
 impl Decoder {
     /// The chunk a reference names, from the store or a REPAIR (`true`: from the store).
     fn resolve(&self, id: ChunkId, len: usize, check: u32) -> Option<(Arc<[u8]>, bool)> {
-        if let Some(c) = self.store.get(id).filter(|c| c.bytes().len() == len && c.check() == check) {
+        if let Some(c) = self.dict.view().get(id).filter(|c| c.bytes().len() == len && c.check() == check) {
             return Some((c.bytes().clone(), true));
         }
         let b = self.repairs.get(&id).filter(|b| b.len() == len && chunk_check(b) == check)?;
@@ -514,20 +577,36 @@ impl Decoder {
 
     /// Output waits for the REPAIR of `id` (NACKed once).
     fn block(&mut self, id: ChunkId) {
-        if self.nacked.insert(id) {
-            let kind = if self.store.contains(id) { NackKind::Mismatch } else { NackKind::Missing };
-            self.send_nack(Nack { kind, epoch: self.apply_epoch, id });
-        }
         self.blocked = Some(id);
+        if self.nacked.contains(&id) {
+            return;
+        }
+        let store = self.dict.view();
+        let (held, evicted) = (store.contains(id), store.recently_evicted(id));
+        drop(store);
+        if self.dict.is_shared() && !held && !evicted {
+            // Perhaps on its way on another connection of the pair: wait (Decoder::fetch).
+            self.waiting = Some(id);
+            return;
+        }
+        self.nacked.insert(id);
+        let kind = if held { NackKind::Mismatch } else { NackKind::Missing };
+        self.send_nack(Nack { kind, epoch: self.apply_epoch, id });
     }
 
     /// A reference applied: a use in the store, or a chunk supplied by REPAIR.
     fn used(&mut self, id: ChunkId, len: usize, stored: bool) {
         if stored {
-            self.store.touch(id);
+            self.dict.lock().touch(id);
             self.stats.referenced_bytes += len as u64;
         } else {
             self.stats.repaired_bytes += len as u64;
+            // Shared: the pair's dictionary lacked it (evicted here only, or never arrived):
+            // keep it again, so the next reference from any connection hits.
+            if let (true, Some(bytes)) = (self.dict.is_shared(), self.repairs.get(&id).cloned()) {
+                self.dict.lock().define(id, bytes);
+                self.dict.bump();
+            }
         }
     }
 

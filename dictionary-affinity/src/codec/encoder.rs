@@ -6,8 +6,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{varint3, write_frame, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_ZSTD, VERSION};
+use super::{
+    varint3, write_frame, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_SHARED, FLAG_ZSTD, VERSION,
+};
 use crate::chunk::{ChunkId, Chunker, ChunkerConfig, ChunkerConfigError, MAX_CHUNK};
+use crate::shared::{Dict, SharedStore, StoreRef};
 use crate::store::Store;
 
 /// ABORT reason: a NACKed chunk was no longer held by the encoder.
@@ -104,9 +107,10 @@ enum Cuts {
     All,
 }
 
-/// The encoding half of a proxy chain: owns the pair's [`Store`] while the stream lasts.
+/// The encoding half of a proxy chain: owns the pair's [`Store`] while the stream lasts, or
+/// shares it with the pair's other connections ([`Encoder::shared`]).
 pub struct Encoder {
-    store: Store,
+    dict: Dict,
     chunker: Chunker,
     config: EncoderConfig,
     started: bool,
@@ -143,7 +147,7 @@ impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Encoder")
             .field("config", &self.config)
-            .field("epoch", &self.store.epoch())
+            .field("shared", &self.dict.is_shared())
             .field("carry", &self.carry.len())
             .field("stats", &self.stats)
             .finish_non_exhaustive()
@@ -153,10 +157,21 @@ impl std::fmt::Debug for Encoder {
 impl Encoder {
     /// An encoder that starts a new stream over `store` (the pair's dictionary).
     pub fn new(store: Store, config: EncoderConfig) -> Result<Self, ChunkerConfigError> {
+        Self::with_dict(Dict::Own(store), config)
+    }
+
+    /// An encoder that starts a new stream over a pair's dictionary shared with the pair's
+    /// other connections (section 3.2 of docs/codec.md): no lockstep, so no CHECKPOINT, and a
+    /// NACK is answered by a REPAIR alone, never by a RESET of the whole dictionary.
+    pub fn shared(store: SharedStore, config: EncoderConfig) -> Result<Self, ChunkerConfigError> {
+        Self::with_dict(Dict::Shared(store), config)
+    }
+
+    fn with_dict(dict: Dict, config: EncoderConfig) -> Result<Self, ChunkerConfigError> {
         let chunker = Chunker::new(config.chunker)?;
         let zstd = config.zstd.then(|| zstd::bulk::Compressor::new(1).expect("zstd context"));
         Ok(Self {
-            store,
+            dict,
             chunker,
             config,
             started: false,
@@ -178,15 +193,15 @@ impl Encoder {
         })
     }
 
-    /// The dictionary.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The dictionary (locked while the answer lives, when shared).
+    pub fn store(&self) -> StoreRef<'_> {
+        self.dict.view()
     }
 
-    /// Ends the stream and hands back the dictionary (for the pair's next stream, or to save).
-    /// Call [`Encoder::flush`] first: bytes still in the carry are dropped.
+    /// Ends the stream and hands back the dictionary (for the pair's next stream, or to save;
+    /// a copy when shared). Call [`Encoder::flush`] first: bytes still in the carry are dropped.
     pub fn into_store(self) -> Store {
-        self.store
+        self.dict.into_store()
     }
 
     /// The counters.
@@ -278,8 +293,11 @@ impl Encoder {
     }
 
     fn checkpoint(&mut self, out: &mut Vec<u8>) {
-        if self.dirty {
-            write_frame(out, &mut self.chain, TokenType::Checkpoint as u8, &[&self.store.digest().to_be_bytes()]);
+        // A shared dictionary has no lockstep to check: its digest depends on every
+        // connection's interleaving.
+        if self.dirty && !self.dict.is_shared() {
+            let digest = self.dict.view().digest();
+            write_frame(out, &mut self.chain, TokenType::Checkpoint as u8, &[&digest.to_be_bytes()]);
             self.dirty = false;
         }
     }
@@ -294,20 +312,22 @@ impl Encoder {
             let mut best = (0, None);
             let by_prefix = (end >= PREFIX_KEY).then(|| self.prefixes.get(&prefix_key(&self.carry)).copied()).flatten();
             let next = self.last_chunk.and_then(|prev| self.successors.get(&prev).copied());
+            let store = self.dict.lock();
             for id in [next, by_prefix].into_iter().flatten() {
-                if let Some(c) = self.store.get(id) {
+                if let Some(c) = store.get(id) {
                     let k = common_prefix(&c.bytes()[self.sent.min(c.bytes().len())..], &self.carry[self.sent..]);
                     if k > best.0 {
                         best = (k, Some(id));
                     }
                 }
             }
+            drop(store);
             self.carry_src = best.1;
         }
         if let Some(id) = self.carry_src {
-            match self.store.get(id) {
-                Some(c) if c.bytes().len() > self.sent => {
-                    let (bytes, check) = (c.bytes().clone(), c.check());
+            let held = self.dict.lock().get(id).map(|c| (c.bytes().clone(), c.check()));
+            match held {
+                Some((bytes, check)) if bytes.len() > self.sent => {
                     let k = common_prefix(&bytes[self.sent..], &self.carry[self.sent..]);
                     if k >= MIN_CARRY_REF {
                         let (len, n) = varint3(bytes.len());
@@ -344,28 +364,30 @@ impl Encoder {
         let start = out.len();
         self.start(out);
         self.stats.nacks += 1;
-        let result = match nack.kind {
-            NackKind::Missing | NackKind::Mismatch => {
-                let held = self
-                    .store
-                    .get(nack.id)
-                    .map(|c| c.bytes().clone())
-                    .or_else(|| self.recent.iter().rev().find(|(id, _)| *id == nack.id).map(|(_, b)| b.clone()));
-                match held {
-                    Some(bytes) => {
-                        self.write_chunk(TokenType::Repair, &nack.id.to_bytes(), &bytes, out);
-                        self.stats.repairs += 1;
-                        Ok(())
-                    }
-                    None => {
-                        write_frame(out, &mut self.chain, TokenType::Abort as u8, &[&[ABORT_REPAIR_UNAVAILABLE]]);
-                        Err(RepairError::Unavailable(nack.id))
+        let result =
+            match nack.kind {
+                NackKind::Missing | NackKind::Mismatch => {
+                    let held =
+                        self.dict.lock().get(nack.id).map(|c| c.bytes().clone()).or_else(|| {
+                            self.recent.iter().rev().find(|(id, _)| *id == nack.id).map(|(_, b)| b.clone())
+                        });
+                    match held {
+                        Some(bytes) => {
+                            self.write_chunk(TokenType::Repair, &nack.id.to_bytes(), &bytes, out);
+                            self.stats.repairs += 1;
+                            Ok(())
+                        }
+                        None => {
+                            write_frame(out, &mut self.chain, TokenType::Abort as u8, &[&[ABORT_REPAIR_UNAVAILABLE]]);
+                            Err(RepairError::Unavailable(nack.id))
+                        }
                     }
                 }
-            }
-            NackKind::Desync => Ok(()),
-        };
-        if result.is_ok() && nack.epoch == self.store.epoch() {
+                NackKind::Desync => Ok(()),
+            };
+        // Own dictionaries in lockstep disagree: both start again empty. A shared one only
+        // lacked that chunk, which the REPAIR puts back at the decoder.
+        if result.is_ok() && !self.dict.is_shared() && nack.epoch == self.dict.view().epoch() {
             self.new_epoch(out);
         }
         self.stats.output_bytes += (out.len() - start) as u64;
@@ -389,8 +411,10 @@ impl Encoder {
     }
 
     fn new_epoch(&mut self, out: &mut Vec<u8>) {
-        let epoch = self.store.epoch().wrapping_add(1);
-        self.store.reset(epoch);
+        let mut store = self.dict.lock();
+        let epoch = store.epoch().wrapping_add(1);
+        store.reset(epoch);
+        drop(store);
         self.prefixes.clear();
         self.successors.clear();
         self.last_chunk = None;
@@ -402,14 +426,19 @@ impl Encoder {
     fn start(&mut self, out: &mut Vec<u8>) {
         if !self.started {
             self.started = true;
-            let flags = if self.zstd.is_some() { FLAG_ZSTD } else { 0 };
+            let mut flags = if self.zstd.is_some() { FLAG_ZSTD } else { 0 };
+            if self.dict.is_shared() {
+                flags |= FLAG_SHARED;
+            }
+            let store = self.dict.view();
             let header = StreamHeader {
                 version: VERSION,
                 flags,
-                epoch: self.store.epoch(),
-                budget: self.store.budget(),
-                digest: self.store.digest(),
+                epoch: store.epoch(),
+                budget: store.budget(),
+                digest: store.digest(),
             };
+            drop(store);
             self.chain = header.emit(out);
         }
     }
@@ -431,16 +460,32 @@ impl Encoder {
             return;
         }
         let id = ChunkId::of(bytes);
-        if let Some(held) = self.store.get(id) {
+        // One lock for the lookup and the store change: another connection of a shared pair
+        // may define or evict in between otherwise.
+        let mut store = self.dict.lock();
+        enum Found {
+            Held(Arc<[u8]>, u32),
+            Collision,
+            Defined,
+            TooBig,
+        }
+        let found = match store.get(id) {
             // Compare the bytes, not just the hash: a collision must never become a reference.
-            if held.bytes()[..] != *bytes {
-                self.stats.collisions += 1;
-                self.literal_chunk(bytes, carried);
-                return;
+            Some(held) if held.bytes()[..] != *bytes => Found::Collision,
+            Some(held) => {
+                let (b, c) = (held.bytes().clone(), held.check());
+                store.touch(id);
+                Found::Held(b, c)
             }
-            let (held, check) = (held.bytes().clone(), held.check());
+            None if !store.fits(bytes.len()) => Found::TooBig,
+            None => {
+                store.define(id, Arc::from(bytes));
+                Found::Defined
+            }
+        };
+        drop(store);
+        if let Found::Held(held, check) = found {
             self.flush_literal(out);
-            self.store.touch(id);
             self.index_chunk(prev, id, bytes);
             let (len, n) = varint3(bytes.len());
             if carried == 0 {
@@ -465,12 +510,14 @@ impl Encoder {
             self.dirty = true;
             return;
         }
-        if !self.store.fits(bytes.len()) {
+        if let Found::Collision = found {
+            self.stats.collisions += 1;
+        }
+        if let Found::Collision | Found::TooBig = found {
             self.literal_chunk(bytes, carried);
             return;
         }
         self.flush_literal(out);
-        self.store.define(id, Arc::from(bytes));
         self.index_chunk(prev, id, bytes);
         if carried == 0 {
             self.write_chunk(TokenType::Define, &id.to_bytes(), bytes, out);
@@ -510,9 +557,9 @@ impl Encoder {
         if bytes.len() >= PREFIX_KEY {
             self.prefixes.insert(prefix_key(bytes), id);
         }
-        let limit = 2 * self.store.len() + 1024;
+        let store = self.dict.lock();
+        let limit = 2 * store.len() + 1024;
         if self.prefixes.len() > limit || self.successors.len() > limit {
-            let store = &self.store;
             self.prefixes.retain(|_, id| store.contains(*id));
             self.successors.retain(|prev, id| store.contains(*prev) && store.contains(*id));
         }
