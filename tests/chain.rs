@@ -11,12 +11,15 @@
 //!
 //! The bytes on the downstream-upstream link are measured twice: by iptables counters in the
 //! downstream's namespace (IP packets, headers included) and by the downstream's metrics.
+//!
+//! The second test shapes that link to 100 Mbit each way (tc tbf) and downloads 1, 4 and 16
+//! objects at a time (issue 9): every connection of the pair shares its dictionaries.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,7 +82,7 @@ impl Server {
                             c.set_read_timeout(Some(WAIT)).unwrap();
                             let mut req = Vec::new();
                             if c.read_to_end(&mut req).is_ok() && !req.is_empty() {
-                                let _ = c.write_all(&objects[usize::from(req[0]) % OBJECTS]);
+                                let _ = c.write_all(&objects[usize::from(req[0]) % objects.len()]);
                             }
                         });
                     }
@@ -101,34 +104,60 @@ impl Drop for Server {
     }
 }
 
+/// Downloads object `i` (the server's index) from the current namespace; panics on any
+/// difference.
+fn download(i: usize, want: &[u8]) {
+    let mut c = TcpStream::connect_timeout(&SERVER, WAIT).expect("connect");
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(&[i as u8]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let r = c.read_to_end(&mut got);
+    assert!(
+        r.is_ok() && got == *want,
+        "object {i}: {r:?}, {} of {} bytes, equal: {}",
+        got.len(),
+        want.len(),
+        got == *want
+    );
+}
+
 /// Downloads every object once from the client's namespace; panics on any difference.
 fn round(client: &Netns, objects: &[Vec<u8>]) {
     client.run(|| {
         for (i, want) in objects.iter().enumerate() {
-            let mut c = TcpStream::connect_timeout(&SERVER, WAIT).expect("connect");
-            c.set_read_timeout(Some(WAIT)).unwrap();
-            c.write_all(&[i as u8]).unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-            let mut got = Vec::new();
-            let r = c.read_to_end(&mut got);
-            assert!(
-                r.is_ok() && got == *want,
-                "object {i}: {r:?}, {} of {} bytes, equal: {}",
-                got.len(),
-                want.len(),
-                got == *want
-            );
+            download(i, want);
         }
     });
 }
 
-#[test]
-fn chained_proxies_carry_repeats_as_references_and_servers_see_the_client() {
+/// Downloads objects `first..first + n` from the client's namespace, `at_once` at a time
+/// (each thread takes the next object when its download ends).
+fn concurrent_round(client: &Netns, objects: &[Vec<u8>], first: usize, n: usize, at_once: usize) {
+    client.run(|| {
+        let next = AtomicUsize::new(first);
+        std::thread::scope(|s| {
+            for _ in 0..at_once {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Relaxed);
+                    if i >= first + n {
+                        return;
+                    }
+                    download(i, &objects[i]);
+                });
+            }
+        });
+    });
+}
+
+/// client -- downstream -- upstream -- server (module docs), with iptables counters of the
+/// downstream-upstream link; the namespaces' names start with `tag`.
+fn chain_topology(tag: &str) -> (Netns, Netns, Netns, Netns) {
     let (c, d, u, s) = (
-        Netns::new("lbch-c").unwrap(),
-        Netns::new("lbch-d").unwrap(),
-        Netns::new("lbch-u").unwrap(),
-        Netns::new("lbch-s").unwrap(),
+        Netns::new(&format!("{tag}-c")).unwrap(),
+        Netns::new(&format!("{tag}-d")).unwrap(),
+        Netns::new(&format!("{tag}-u")).unwrap(),
+        Netns::new(&format!("{tag}-s")).unwrap(),
     );
     veth(&c, "c0", &d, "d0").unwrap();
     veth(&d, "d1", &u, "u0").unwrap();
@@ -150,8 +179,17 @@ fn chained_proxies_carry_repeats_as_references_and_servers_see_the_client() {
     d.sh("iptables -N LBCH_UP && iptables -A LBCH_UP && iptables -A OUTPUT -o d1 -p tcp -j LBCH_UP \
           && iptables -N LBCH_DOWN && iptables -A LBCH_DOWN && iptables -A INPUT -i d1 -p tcp -j LBCH_DOWN")
         .unwrap();
-    let link = |d: &Netns| iptables_bytes(d, "LBCH_UP") + iptables_bytes(d, "LBCH_DOWN");
+    (c, d, u, s)
+}
 
+/// Bytes on the downstream-upstream link so far, either way (iptables, headers included).
+fn link(d: &Netns) -> u64 {
+    iptables_bytes(d, "LBCH_UP") + iptables_bytes(d, "LBCH_DOWN")
+}
+
+#[test]
+fn chained_proxies_carry_repeats_as_references_and_servers_see_the_client() {
+    let (c, d, u, s) = chain_topology("lbch");
     let dir = std::env::temp_dir().join(format!("lb-chain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut rng = Rng(0xc4a1);
@@ -186,6 +224,63 @@ fn chained_proxies_carry_repeats_as_references_and_servers_see_the_client() {
     assert_eq!(metric(&d, "lb_chain_connections_total", &["\"failed\""]), 0, "{}", down.log());
     assert_eq!(metric(&u, "lb_chain_connections_total", &["\"failed\""]), 0, "{}", up.log());
     assert!(metric(&d, "lb_chain_dictionary_bytes", &[]) >= total);
+    down.terminate();
+    up.terminate();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 9: concurrent connections of one downstream/upstream pair over a slow link. Before,
+/// a connection that found the pair's dictionaries checked out by another waited 50 ms and
+/// then ran on throwaway ones, so the repeat round cost 10-35% of the object bytes at 4
+/// downloads at a time and 99-103% at 16 over a 100 Mbit link. Now every connection of the
+/// pair shares its dictionaries: at 1, 4 and 16 at a time the repeat costs at most 5%.
+#[test]
+fn concurrent_downloads_over_a_shaped_link_share_the_pair_dictionaries() {
+    const PER_LEVEL: usize = 32;
+    const SIZE: usize = 256 * 1024;
+    const LEVELS: [usize; 3] = [1, 4, 16];
+    let (c, d, u, s) = chain_topology("lbcc");
+    // 100 Mbit each way between the two proxies.
+    for (ns, dev) in [(&d, "d1"), (&u, "u0")] {
+        ns.sh(&format!("tc qdisc add dev {dev} root tbf rate 100mbit burst 128kb latency 50ms")).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("lb-chain-cc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng(0xc0c0);
+    let objects: Arc<Vec<Vec<u8>>> = Arc::new((0..PER_LEVEL * LEVELS.len()).map(|_| rng.bytes(SIZE)).collect());
+    let server = Server::start(&s, objects.clone());
+    let mut up = start_lb(&u, &dir, "up", "198.51.100.2", "role = \"upstream\"\n");
+    let mut down = start_lb(&d, &dir, "down", "198.51.100.1", "role = \"downstream\"\nchain_ports = [80]\n");
+    let total = (PER_LEVEL * SIZE) as u64;
+    let mut report = Vec::new();
+    for (level, at_once) in LEVELS.into_iter().enumerate() {
+        let first = level * PER_LEVEL;
+        let l0 = link(&d);
+        let t0 = std::time::Instant::now();
+        concurrent_round(&c, &objects, first, PER_LEVEL, at_once);
+        let (l1, t1) = (link(&d), t0.elapsed());
+        concurrent_round(&c, &objects, first, PER_LEVEL, at_once);
+        let (l2, t2) = (link(&d), t0.elapsed() - t1);
+        let repeat = (l2 - l1) as f64 / total as f64;
+        eprintln!(
+            "{at_once} at a time: first round {} B in {:.2} s, repeat {} B ({:.2}%) in {:.2} s",
+            l1 - l0,
+            t1.as_secs_f64(),
+            l2 - l1,
+            100.0 * repeat,
+            t2.as_secs_f64()
+        );
+        report.push((at_once, repeat));
+    }
+    let ephemeral = metric(&d, "lb_chain_connections_total", &["downstream", "\"ephemeral\""]);
+    let failed = metric(&d, "lb_chain_connections_total", &["\"failed\""])
+        + metric(&u, "lb_chain_connections_total", &["\"failed\""]);
+    assert_eq!(failed, 0, "{}\n{}", down.log(), up.log());
+    assert_eq!(ephemeral, 0, "no connection ran on throwaway dictionaries");
+    for (at_once, repeat) in report {
+        assert!(repeat <= 0.05, "{at_once} at a time: the repeat round cost {:.1}% of the objects", 100.0 * repeat);
+    }
     down.terminate();
     up.terminate();
     drop(server);

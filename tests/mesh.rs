@@ -279,6 +279,10 @@ async fn flood_guard_caps_the_entries_of_one_member() {
     cfg.max_entries_per_member = 100;
     let a = Mesh::start(cfg, refusals.clone()).await.unwrap();
     let b = start(addrs[1], port, &addrs).await;
+    // Joined first: installs made while b's channel joins reach a both in b's table and as
+    // live INSTALLs, and each refused copy counts.
+    wait_until_async("mesh up", Duration::from_secs(10), || a.live_members().len() == 2 && b.live_members().len() == 2)
+        .await;
     for i in 0..150 {
         b.install(conn(72, i), Action::Forward);
     }

@@ -121,6 +121,8 @@ const REC_END: u8 = 2;
 const REC_DONE: u8 = 3;
 const MODE_PERSISTENT: u8 = 1;
 const MODE_RAW: u8 = 2;
+const MODE_SHARED: u8 = 3;
+const FLAG_SHARED: u8 = 2;
 
 // ---------------------------------------------------------------------------------------
 // A pcap writer: Ethernet frames carrying IPv4 or IPv6 and TCP
@@ -298,6 +300,9 @@ struct Frames {
     hello_port80: u32,
     raw_mode: u32,
     raw_reply: u32,
+    shared_hello_down: u32,
+    shared_hello_up: u32,
+    shared_mode: u32,
     other_port: u32,
 }
 
@@ -374,6 +379,13 @@ fn capture() -> (Vec<u8>, Frames) {
     c.s(&mut p, &hello(1, 1, 64 << 20, "upstream-1"));
     f.raw_mode = c.c(&mut p, &[&[MODE_RAW][..], b"GET / HTTP/1.1\r\n\r\n"].concat());
     f.raw_reply = c.s(&mut p, b"HTTP/1.1 204 No Content\r\n\r\n");
+
+    // Shared pair dictionaries: both HELLOs offer SHARED (the downstream's also a later
+    // build's unknown flag 0x80, ignored), MODE SHARED.
+    let mut c = Conn::open(&mut p, "198.51.100.1:45004", "203.0.113.80:8000");
+    f.shared_hello_down = c.c(&mut p, &hello(1, FLAG_SHARED | 0x80, 64 << 20, "198.51.100.1"));
+    f.shared_hello_up = c.s(&mut p, &hello(1, FLAG_SHARED, 64 << 20, "upstream-1"));
+    f.shared_mode = c.c(&mut p, &[&[MODE_SHARED][..], &data_record(b"abc")].concat());
 
     // A HELLO of an unknown chain version.
     let mut c = Conn::open(&mut p, "198.51.100.1:45001", "203.0.113.80:8000");
@@ -597,6 +609,8 @@ const CHAIN_FIELDS: &[&str] = &[
     "lbchain.version",
     "lbchain.flags",
     "lbchain.flags.available",
+    "lbchain.flags.shared",
+    "lbchain.flags.unknown",
     "lbchain.id_len",
     "lbchain.budget",
     "lbchain.id",
@@ -873,6 +887,9 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
     assert_eq!(i(f.down_done), "DONE");
     assert_eq!(i(f.raw_mode), "MODE RAW, relayed 18 bytes");
     assert_eq!(i(f.raw_reply), "relayed 27 bytes");
+    assert_eq!(i(f.shared_hello_down), "HELLO downstream id 198.51.100.1 budget 67108864 SHARED");
+    assert_eq!(i(f.shared_hello_up), "HELLO upstream id upstream-1 budget 67108864 SHARED");
+    assert_eq!(i(f.shared_mode), "MODE SHARED, DATA 3");
     assert_eq!(
         i(f.bad_hello),
         "HELLO downstream id 198.51.100.1 budget 67108864 [refused: unsupported chain protocol version 9]"
@@ -908,6 +925,8 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.version", "1"),
             ("lbchain.flags", "0x00"),
             ("lbchain.flags.available", "0"),
+            ("lbchain.flags.shared", "0"),
+            ("lbchain.flags.unknown", "0x00"),
             ("lbchain.id_len", "12"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "198.51.100.1"),
@@ -921,6 +940,8 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.version", "1"),
             ("lbchain.flags", "0x01"),
             ("lbchain.flags.available", "1"),
+            ("lbchain.flags.shared", "0"),
+            ("lbchain.flags.unknown", "0x00"),
             ("lbchain.id_len", "10"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "upstream-1"),
@@ -938,6 +959,40 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
     e(f.raw_mode, &[("lbchain.sender", "1"), ("lbchain.mode", "2")]);
     e(f.raw_reply, &[]);
     e(
+        f.shared_hello_down,
+        &[
+            ("lbchain.magic", "LBCH"),
+            ("lbchain.sender", "1"),
+            ("lbchain.version", "1"),
+            ("lbchain.flags", "0x82"),
+            ("lbchain.flags.available", "0"),
+            ("lbchain.flags.shared", "1"),
+            ("lbchain.flags.unknown", "0x20"),
+            ("lbchain.id_len", "12"),
+            ("lbchain.budget", "67108864"),
+            ("lbchain.id", "198.51.100.1"),
+        ],
+    );
+    e(
+        f.shared_hello_up,
+        &[
+            ("lbchain.magic", "LBCH"),
+            ("lbchain.sender", "2"),
+            ("lbchain.version", "1"),
+            ("lbchain.flags", "0x02"),
+            ("lbchain.flags.available", "0"),
+            ("lbchain.flags.shared", "1"),
+            ("lbchain.flags.unknown", "0x00"),
+            ("lbchain.id_len", "10"),
+            ("lbchain.budget", "67108864"),
+            ("lbchain.id", "upstream-1"),
+        ],
+    );
+    e(
+        f.shared_mode,
+        &[("lbchain.sender", "1"), ("lbchain.mode", "3"), ("lbchain.record.type", "1"), ("lbchain.record.len", "3")],
+    );
+    e(
         f.bad_hello,
         &[
             ("lbchain.magic", "LBCH"),
@@ -945,6 +1000,8 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.version", "9"),
             ("lbchain.flags", "0x00"),
             ("lbchain.flags.available", "0"),
+            ("lbchain.flags.shared", "0"),
+            ("lbchain.flags.unknown", "0x00"),
             ("lbchain.id_len", "12"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "198.51.100.1"),
@@ -973,6 +1030,8 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
         ("lbchain.version", "1"),
         ("lbchain.flags", "0x00"),
         ("lbchain.flags.available", "0"),
+        ("lbchain.flags.shared", "0"),
+        ("lbchain.flags.unknown", "0x00"),
         ("lbchain.id_len", "12"),
         ("lbchain.budget", "67108864"),
         ("lbchain.id", "198.51.100.1"),

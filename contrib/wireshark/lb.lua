@@ -543,7 +543,7 @@ local lbchain = Proto("lbchain", "lb Proxy Chain Protocol")
 
 local HELLO_FIXED = 15
 local MAX_RECORD = 1048576
-local modes = { [0] = "EPHEMERAL", [1] = "PERSISTENT", [2] = "RAW" }
+local modes = { [0] = "EPHEMERAL", [1] = "PERSISTENT", [2] = "RAW", [3] = "SHARED" }
 local record_types = { [1] = "DATA", [2] = "END", [3] = "DONE" }
 local senders = { [1] = "downstream", [2] = "upstream" }
 
@@ -553,7 +553,9 @@ local cf = {
     flags = ProtoField.uint8("lbchain.flags", "Flags", base.HEX),
     available = ProtoField.bool("lbchain.flags.available", "AVAILABLE", 8, nil, 0x01,
         "the upstream checked the pair's dictionaries out for this connection"),
-    unknown_flags = ProtoField.uint8("lbchain.flags.unknown", "Unknown flags", base.HEX, nil, 0xfe),
+    shared = ProtoField.bool("lbchain.flags.shared", "SHARED", 8, nil, 0x02,
+        "the sender runs the pair's dictionaries shared by all of its connections"),
+    unknown_flags = ProtoField.uint8("lbchain.flags.unknown", "Unknown flags (ignored)", base.HEX, nil, 0xfc),
     id_len = ProtoField.uint8("lbchain.id_len", "Identity Length", base.DEC),
     budget = ProtoField.uint64("lbchain.budget", "Dictionary Budget", base.DEC),
     id = ProtoField.string("lbchain.id", "Identity", base.UNICODE),
@@ -566,7 +568,7 @@ local cf = {
     undecoded = ProtoField.bytes("lbchain.undecoded", "Undecodable Bytes"),
 }
 lbchain.fields = {
-    cf.magic, cf.version, cf.flags, cf.available, cf.unknown_flags, cf.id_len, cf.budget, cf.id, cf.sender,
+    cf.magic, cf.version, cf.flags, cf.available, cf.shared, cf.unknown_flags, cf.id_len, cf.budget, cf.id, cf.sender,
     cf.mode, cf.record_type, cf.record_len, cf.record_data, cf.raw, cf.undecoded,
 }
 
@@ -612,6 +614,7 @@ local function dissect_hello(tvb, pinfo, tree, offset, sender)
     local vi = t:add(cf.version, r(4, 1))
     local fi = t:add(cf.flags, r(5, 1))
     fi:add(cf.available, r(5, 1))
+    fi:add(cf.shared, r(5, 1))
     fi:add(cf.unknown_flags, r(5, 1))
     t:add(cf.id_len, r(6, 1))
     local budget = r(7, 8):uint64()
@@ -621,9 +624,6 @@ local function dissect_hello(tvb, pinfo, tree, offset, sender)
     if version ~= 1 then
         problem = string.format("unsupported chain protocol version %d", version)
         vi:add_proto_expert_info(cx.bad_hello, "Unsupported chain protocol version")
-    elseif flags >= 2 then
-        problem = "unknown HELLO flags"
-        fi:add_proto_expert_info(cx.bad_hello, "Unknown HELLO flags")
     elseif idlen == 0 then
         problem = "empty identity"
         t:add_proto_expert_info(cx.bad_hello, "Empty identity")
@@ -633,7 +633,8 @@ local function dissect_hello(tvb, pinfo, tree, offset, sender)
         t:add(cf.id, r(15, idlen))
         id = r(15, idlen):string(ENC_UTF_8)
     end
-    local flag_text = (flags % 2 == 1) and " AVAILABLE" or ""
+    -- Unknown flags are a later build's offers: lb ignores them, and so does this summary.
+    local flag_text = ((flags % 2 == 1) and " AVAILABLE" or "") .. ((math.floor(flags / 2) % 2 == 1) and " SHARED" or "")
     local summary = string.format("HELLO %s id %s budget %s%s", senders[sender], id, tostring(budget), flag_text)
     if problem then
         summary = summary .. " [refused: " .. problem .. "]"

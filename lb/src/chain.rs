@@ -30,8 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use dicts::{Checkout, Dictionaries, PairStores};
-use wire::{Hello, Mode, Record, Records, FLAG_AVAILABLE, HELLO_MAGIC, REC_DONE, REC_END};
+use dicts::{Checkout, Dictionaries, PairStores, SharedPair};
+use wire::{Hello, Mode, Record, Records, FLAG_AVAILABLE, FLAG_SHARED, HELLO_MAGIC, REC_DONE, REC_END};
 
 /// Input bytes read per call (the encoder cuts chunks across reads).
 const READ_BUF: usize = 64 * 1024;
@@ -42,6 +42,13 @@ pub const FLUSH_AFTER: Duration = Duration::from_millis(2);
 /// them, before it runs on throwaway ones: long enough for the previous connection of a
 /// sequence to finish closing, short enough not to delay truly concurrent ones much.
 pub const CHECKOUT_WAIT: Duration = Duration::from_millis(50);
+/// How long a decoder on a pair's shared dictionaries waits for a chunk that another
+/// connection of the pair defines (its DEFINE still on the way) before it asks for the chunk
+/// itself (NACK, answered by REPAIR). It stalls only this connection's output.
+pub const SHARED_WAIT: Duration = Duration::from_millis(250);
+/// Recently referenced chunks an encoder on shared dictionaries keeps for REPAIR (per
+/// connection; chunks still in the store cost nothing extra).
+const SHARED_REPAIR_WINDOW: usize = 4 << 20;
 /// How often an upstream reports savings of a long connection to the [`SavingsSink`].
 pub const SAVINGS_EVERY: Duration = Duration::from_secs(1);
 /// Server-first bytes buffered by an upstream while it waits for the client's first bytes.
@@ -84,6 +91,9 @@ pub struct ChainConfig {
     pub id: String,
     /// zstd for LITERAL / DEFINE / REPAIR bodies.
     pub zstd: bool,
+    /// Offer (HELLO flag) and accept pair dictionaries shared by all of a pair's concurrent
+    /// connections; off, every connection checks the pair's dictionaries out alone.
+    pub shared: bool,
     /// Upstream: where savings are reported.
     pub savings: Option<Arc<dyn SavingsSink>>,
 }
@@ -101,6 +111,7 @@ impl std::fmt::Debug for ChainConfig {
             .field("dictionary_dir", &self.dictionary_dir)
             .field("id", &self.id)
             .field("zstd", &self.zstd)
+            .field("shared", &self.shared)
             .field("savings", &self.savings.is_some())
             .finish()
     }
@@ -139,6 +150,13 @@ pub struct ChainStats {
     pub dictionary_bytes: AtomicU64,
     /// Pair dictionaries written to `dictionary_dir`.
     pub saves: AtomicU64,
+    /// Chained connections on shared pair dictionaries (also counted in `chained`).
+    pub shared: AtomicU64,
+    /// Shared dictionaries: references whose chunk arrived on another connection while the
+    /// decoder waited for it.
+    pub waits_arrived: AtomicU64,
+    /// Shared dictionaries: waits that ran out ([`SHARED_WAIT`]); the chunk was fetched by NACK.
+    pub waits_fetched: AtomicU64,
 }
 
 impl ChainStats {
@@ -161,6 +179,9 @@ impl ChainStats {
             decode_errors: z(),
             dictionary_bytes: z(),
             saves: z(),
+            shared: z(),
+            waits_arrived: z(),
+            waits_fetched: z(),
         }
     }
 }
@@ -232,8 +253,8 @@ struct ConnBytes {
     up_wire: AtomicU64,
     down_plain: AtomicU64,
     down_wire: AtomicU64,
-    /// The connection runs on the pair's own dictionaries (MODE persistent): only then are
-    /// its savings the dictionary's, worth advertising.
+    /// The connection runs on the pair's own dictionaries (MODE persistent or shared): only
+    /// then are its savings the dictionary's, worth advertising.
     persistent: std::sync::atomic::AtomicBool,
 }
 
@@ -420,37 +441,48 @@ impl Chain {
         U: AsyncRead + AsyncWrite + Unpin,
     {
         let s = &self.stats;
-        let hello = self.hello(0);
+        let hello = self.hello(if self.config.shared { FLAG_SHARED } else { 0 });
         up.write_all(&hello).await?;
         Meter(&conn.up_wire, &s.to_upstream_wire).add(hello.len());
         let (peer, rest) = tokio::time::timeout(self.config.hello_timeout, read_hello(up))
             .await
             .map_err(|_| ChainError::NoUpstream("nothing came back in time"))??;
         Meter(&conn.down_wire, &s.to_downstream_wire).add(rest.len());
-        let stores = if peer.budget != self.config.budget {
+        // The upstream offers FLAG_SHARED only once it holds the pair's shared dictionaries.
+        let dicts = if peer.budget != self.config.budget {
             None
+        } else if self.config.shared && peer.flags & FLAG_SHARED != 0 {
+            Some(self.dicts.shared(&peer.id, CHECKOUT_WAIT).await.map_or(PairDicts::Fresh, PairDicts::Shared))
         } else if peer.flags & FLAG_AVAILABLE != 0 {
-            self.dicts.checkout_wait(&peer.id, CHECKOUT_WAIT).await.map(Some).or(Some(None))
+            Some(
+                self.dicts
+                    .checkout_wait(&peer.id, CHECKOUT_WAIT)
+                    .await
+                    .map_or(PairDicts::Fresh, |c| PairDicts::Own(Box::new(c))),
+            )
         } else {
-            Some(None)
+            Some(PairDicts::Fresh)
         };
-        let mode = match &stores {
+        let mode = match &dicts {
             None => Mode::Raw,
-            Some(Some(_)) => Mode::Persistent,
-            Some(None) => Mode::Ephemeral,
+            Some(PairDicts::Shared(_)) => Mode::Shared,
+            Some(PairDicts::Own(_)) => Mode::Persistent,
+            Some(PairDicts::Fresh) => Mode::Ephemeral,
         };
         up.write_all(&[mode as u8]).await?;
         Meter(&conn.up_wire, &s.to_upstream_wire).add(1);
         tracing::debug!(peer = %peer.id, ?mode, "chained to an upstream");
-        let Some(stores) = stores else {
+        let Some(dicts) = dicts else {
             client.write_all(&rest).await?;
             plain_relay(client, up, &conn.up_plain, &conn.down_plain).await?;
             return Ok(conn.plain_outcome());
         };
-        let mut session = self.session(&peer.id, stores.map(Checkout::take), Role::Downstream)?;
+        conn.persistent.store(!matches!(dicts, PairDicts::Fresh), Relaxed);
+        let mut session = self.session(&peer.id, dicts, Role::Downstream)?;
+        let defined = session.defined();
         let (enc, dec) = session.parts();
         let (to_up, to_down) = conn.pipes(s);
-        run_codec(client, up, Vec::new(), rest, enc, dec, to_up, to_down).await?;
+        run_codec(client, up, Vec::new(), rest, enc, dec, defined, to_up, to_down).await?;
         Ok(Outcome::Chained)
     }
 
@@ -478,12 +510,18 @@ impl Chain {
                 Detection::Chained { hello, rest, server_first } => (hello, rest, server_first),
             };
         Meter(&conn.up_wire, &s.to_upstream_wire).add(wire::HELLO_FIXED + hello.id.len() + rest.len());
-        let checkout = if hello.budget == self.config.budget {
-            self.dicts.checkout_wait(&hello.id, CHECKOUT_WAIT).await
-        } else {
-            None
-        };
-        let ours = self.hello(if checkout.is_some() { FLAG_AVAILABLE } else { 0 });
+        let (mut checkout, mut shared) = (None, None);
+        if hello.budget == self.config.budget {
+            if self.config.shared && hello.flags & FLAG_SHARED != 0 {
+                shared = self.dicts.shared(&hello.id, CHECKOUT_WAIT).await;
+            } else {
+                checkout = self.dicts.checkout_wait(&hello.id, CHECKOUT_WAIT).await;
+            }
+        }
+        // FLAG_SHARED goes back only when this connection can run shared.
+        let ours = self.hello(
+            if checkout.is_some() { FLAG_AVAILABLE } else { 0 } | if shared.is_some() { FLAG_SHARED } else { 0 },
+        );
         client.write_all(&ours).await?;
         Meter(&conn.down_wire, &s.to_downstream_wire).add(ours.len());
         if rest.is_empty() {
@@ -498,44 +536,77 @@ impl Chain {
             rest.push(b[0]);
         }
         let mode = Mode::from_byte(rest.remove(0))?;
-        let stores = match (mode, checkout) {
-            (Mode::Raw, _) => {
+        let dicts = match (mode, checkout, shared) {
+            (Mode::Raw, ..) => {
                 server.write_all(&rest).await?;
                 client.write_all(&server_first).await?;
                 plain_relay(server, client, &conn.down_plain, &conn.up_plain).await?;
                 return Ok(conn.plain_outcome());
             }
-            (Mode::Persistent, Some(stores)) => {
-                conn.persistent.store(true, Relaxed);
-                Some(stores.take())
-            }
-            (Mode::Persistent, None) => {
+            (Mode::Persistent, Some(stores), _) => PairDicts::Own(Box::new(stores)),
+            (Mode::Persistent, None, _) => {
                 return Err(ChainError::Protocol("persistent MODE without the pair's dictionaries"))
             }
+            (Mode::Shared, _, Some(pair)) => PairDicts::Shared(pair),
+            (Mode::Shared, _, None) => return Err(ChainError::Protocol("shared MODE without FLAG_SHARED offered")),
             // Dropping the checkout gives the pair's dictionaries back unused.
-            (Mode::Ephemeral, _) => None,
+            (Mode::Ephemeral, ..) => PairDicts::Fresh,
         };
-        let mut session = self.session(&hello.id, stores, Role::Upstream)?;
+        conn.persistent.store(!matches!(dicts, PairDicts::Fresh), Relaxed);
+        let mut session = self.session(&hello.id, dicts, Role::Upstream)?;
+        let defined = session.defined();
         let (enc, dec) = session.parts();
         let (to_up, to_down) = conn.pipes(s);
-        run_codec(server, client, server_first, rest, enc, dec, to_down, to_up).await?;
+        run_codec(server, client, server_first, rest, enc, dec, defined, to_down, to_up).await?;
         Ok(Outcome::Chained)
     }
 
-    /// The codec pair of one connection: the pair's dictionaries, or fresh ones (`None`).
-    fn session(&self, peer: &str, stores: Option<PairStores>, role: Role) -> Result<Session<'_>, ChainError> {
-        let persistent = stores.is_some();
-        if !persistent {
-            self.stats.ephemeral.fetch_add(1, Relaxed);
-        }
-        let PairStores { to_upstream, to_downstream } = stores.unwrap_or_else(|| PairStores::fresh(self.config.budget));
-        let (enc_store, dec_store) =
-            if role == Role::Downstream { (to_upstream, to_downstream) } else { (to_downstream, to_upstream) };
-        let enc = Encoder::new(enc_store, EncoderConfig { zstd: self.config.zstd, ..EncoderConfig::default() })
-            .map_err(|_| ChainError::Protocol("encoder configuration"))?;
-        let dec = Decoder::new(dec_store, DecoderConfig::default());
-        Ok(Session { chain: self, peer: peer.to_string(), persistent, role, enc: Some(enc), dec: Some(dec) })
+    /// The codec pair of one connection: on the pair's shared dictionaries, its own checked
+    /// out, or fresh ones.
+    fn session(&self, peer: &str, dicts: PairDicts<'_>, role: Role) -> Result<Session<'_>, ChainError> {
+        let config = EncoderConfig { zstd: self.config.zstd, ..EncoderConfig::default() };
+        let bad = |_| ChainError::Protocol("encoder configuration");
+        let (enc, dec, persistent, shared) = match dicts {
+            PairDicts::Shared(pair) => {
+                self.stats.shared.fetch_add(1, Relaxed);
+                let (e, d) = if role == Role::Downstream {
+                    (&pair.to_upstream, &pair.to_downstream)
+                } else {
+                    (&pair.to_downstream, &pair.to_upstream)
+                };
+                let config = EncoderConfig { repair_window: SHARED_REPAIR_WINDOW, ..config };
+                let enc = Encoder::shared(e.clone(), config).map_err(bad)?;
+                let dec = Decoder::shared(d.clone(), DecoderConfig::default());
+                (enc, dec, false, Some(pair))
+            }
+            own => {
+                let stores = match own {
+                    PairDicts::Own(checkout) => Some(checkout.take()),
+                    _ => None,
+                };
+                let persistent = stores.is_some();
+                if !persistent {
+                    self.stats.ephemeral.fetch_add(1, Relaxed);
+                }
+                let PairStores { to_upstream, to_downstream } =
+                    stores.unwrap_or_else(|| PairStores::fresh(self.config.budget));
+                let (e, d) =
+                    if role == Role::Downstream { (to_upstream, to_downstream) } else { (to_downstream, to_upstream) };
+                (Encoder::new(e, config).map_err(bad)?, Decoder::new(d, DecoderConfig::default()), persistent, None)
+            }
+        };
+        Ok(Session { chain: self, peer: peer.to_string(), persistent, shared, role, enc: Some(enc), dec: Some(dec) })
     }
+}
+
+/// Which dictionaries a chained connection runs on.
+enum PairDicts<'a> {
+    /// The pair's, shared with its other connections (MODE shared).
+    Shared(SharedPair),
+    /// The pair's, checked out for this connection alone (MODE persistent).
+    Own(Box<Checkout<'a>>),
+    /// Throwaway ones (MODE ephemeral).
+    Fresh,
 }
 
 /// One connection's encoder and decoder; gives the pair's dictionaries back when dropped,
@@ -544,7 +615,10 @@ impl Chain {
 struct Session<'a> {
     chain: &'a Chain,
     peer: String,
+    /// On the pair's checked-out dictionaries (given back at the end).
     persistent: bool,
+    /// On the pair's shared dictionaries.
+    shared: Option<SharedPair>,
     role: Role,
     enc: Option<Encoder>,
     dec: Option<Decoder>,
@@ -553,6 +627,11 @@ struct Session<'a> {
 impl Session<'_> {
     fn parts(&mut self) -> (&mut Encoder, &mut Decoder) {
         (self.enc.as_mut().expect("until drop"), self.dec.as_mut().expect("until drop"))
+    }
+
+    /// What a decoder on shared dictionaries waits on for chunks of other connections.
+    fn defined(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.shared.as_ref().map(|p| Arc::clone(&p.defined))
     }
 }
 
@@ -564,10 +643,16 @@ impl Drop for Session<'_> {
         s.resets.fetch_add(es.resets, Relaxed);
         s.nacks_received.fetch_add(es.nacks, Relaxed);
         s.nacks_sent.fetch_add(ds.nacks_sent, Relaxed);
+        s.waits_arrived.fetch_add(ds.waited, Relaxed);
+        s.waits_fetched.fetch_add(ds.fetched, Relaxed);
+        let changed = es.defines + es.references + es.resets + ds.defined_bytes + ds.referenced_bytes + ds.resets > 0;
+        if self.shared.is_some() {
+            s.dictionary_bytes.store(self.chain.dicts.shared_done(&self.peer, changed), Relaxed);
+            return;
+        }
         if !self.persistent {
             return;
         }
-        let changed = es.defines + es.references + es.resets + ds.defined_bytes + ds.referenced_bytes + ds.resets > 0;
         let (e, d) = (enc.into_store(), dec.into_store());
         let stores = match self.role {
             Role::Downstream => PairStores { to_upstream: e, to_downstream: d },
@@ -586,7 +671,8 @@ struct Pipe<'a> {
 }
 
 /// Runs the two codec directions: `plain`'s input is encoded onto `wire`, `wire`'s records
-/// are decoded onto `plain`. The prefixes are bytes already read from each side.
+/// are decoded onto `plain`. The prefixes are bytes already read from each side. `defined`:
+/// the pair's signal, when the codec runs on shared dictionaries.
 #[allow(clippy::too_many_arguments)]
 async fn run_codec<P, W>(
     plain: &mut P,
@@ -595,6 +681,7 @@ async fn run_codec<P, W>(
     wire_prefix: Vec<u8>,
     enc: &mut Encoder,
     dec: &mut Decoder,
+    defined: Option<Arc<tokio::sync::Notify>>,
     out_dir: Pipe<'_>,
     in_dir: Pipe<'_>,
 ) -> Result<(), ChainError>
@@ -606,7 +693,7 @@ where
     let (wr, ww) = tokio::io::split(wire);
     let (tx, rx) = mpsc::channel(MAX_PENDING_CONTROL);
     let encode = encode_pump(pr, ww, plain_prefix, enc, rx, out_dir);
-    let decode = decode_pump(wr, pw, wire_prefix, dec, tx, in_dir);
+    let decode = decode_pump(wr, pw, wire_prefix, dec, defined, tx, in_dir);
     // try_join: a failure either way ends the other at once.
     tokio::try_join!(encode, decode).map(|_| ())
 }
@@ -695,62 +782,76 @@ async fn encode_pump(
 }
 
 /// Reads records from the wire, decodes DATA onto the plain side, turns the decoder's events
-/// into work for our encoder, and half-closes the plain side after the peer's END.
+/// into work for our encoder, and half-closes the plain side after the peer's END. On shared
+/// dictionaries, output that waits for a chunk of another connection resumes when the pair's
+/// decoders add chunks (`defined`), or fetches the chunk after [`SHARED_WAIT`].
 async fn decode_pump(
     mut input: impl AsyncRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
     prefix: Vec<u8>,
     dec: &mut Decoder,
+    defined: Option<Arc<tokio::sync::Notify>>,
     ctrl: mpsc::Sender<Ctrl>,
     pipe: Pipe<'_>,
 ) -> Result<(), ChainError> {
-    // Bounded: a peer that sends NACKs and never reads our answers must not grow the queue.
-    // A decoder waits for the REPAIR of the chunk it NACKed before it goes on, so a healthy
-    // peer has one or two pending; more than MAX_PENDING_CONTROL is abuse. (A closed
-    // receiver means the encoding side has finished: nothing to tell it any more.)
-    let control = |c: Ctrl| match ctrl.try_send(c) {
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            Err(ChainError::Protocol("too many NACKs pending: the peer does not read our stream"))
-        }
-        _ => Ok(()),
-    };
     let mut records = Records::default();
     records.push(&prefix);
     let mut buf = vec![0u8; READ_BUF];
     let mut out = Vec::new();
     let (mut end, mut finished) = (false, false);
+    // The chunk output waits for, and until when.
+    let mut wait: Option<(dictionary_affinity::ChunkId, Instant)> = None;
     loop {
         while let Some(rec) = records.next_record()? {
             match rec {
                 Record::Data(bytes) => {
-                    let r = dec.decode(&bytes, &mut out);
-                    while let Some(ev) = dec.poll_event() {
-                        let c = match ev {
-                            Event::SendNack(n) => Ctrl::SendNack(n),
-                            Event::NackReceived(n) => Ctrl::HandleNack(n),
-                        };
-                        control(c)?;
-                    }
-                    // Whatever was decoded before an error is an exact prefix: deliver it.
-                    if !out.is_empty() {
-                        output.write_all(&out).await?;
-                        pipe.plain.add(out.len());
-                        out.clear();
-                    }
-                    r?;
+                    decode_step(dec, &bytes, &mut out, &mut output, defined.as_deref(), &ctrl, pipe).await?
                 }
                 Record::End if end => return Err(ChainError::Protocol("a second END")),
                 Record::End => end = true,
-                Record::Done => control(Ctrl::PeerDone)?,
+                Record::Done => control(&ctrl, Ctrl::PeerDone)?,
             }
             if end && !finished && dec.blocked_on().is_none() {
                 dec.finish()?;
                 output.shutdown().await?;
                 finished = true;
-                control(Ctrl::Done)?;
+                control(&ctrl, Ctrl::Done)?;
             }
         }
-        let n = input.read(&mut buf).await?;
+        // Output that waited may have resumed without a record (a chunk of another connection).
+        if end && !finished && dec.blocked_on().is_none() {
+            dec.finish()?;
+            output.shutdown().await?;
+            finished = true;
+            control(&ctrl, Ctrl::Done)?;
+        }
+        wait = dec.waiting_for().map(|id| match wait {
+            Some((w, until)) if w == id => (w, until),
+            _ => (id, Instant::now() + SHARED_WAIT),
+        });
+        let n = match (wait, defined.as_deref()) {
+            (Some((_, until)), Some(defined)) => {
+                // Registered before the retry, so a chunk added in between still wakes us.
+                let added = defined.notified();
+                tokio::pin!(added);
+                added.as_mut().enable();
+                decode_step(dec, &[], &mut out, &mut output, Some(defined), &ctrl, pipe).await?;
+                if dec.waiting_for() != wait.map(|(id, _)| id) {
+                    // Resolved, or waiting for the next chunk: look again.
+                    continue;
+                }
+                tokio::select! {
+                    r = input.read(&mut buf) => r?,
+                    () = &mut added => continue,
+                    () = tokio::time::sleep_until(until) => {
+                        dec.fetch();
+                        decode_step(dec, &[], &mut out, &mut output, Some(defined), &ctrl, pipe).await?;
+                        continue;
+                    }
+                }
+            }
+            _ => input.read(&mut buf).await?,
+        };
         if n == 0 {
             if !finished {
                 return Err(ChainError::Protocol("the chained connection closed inside a stream"));
@@ -760,6 +861,56 @@ async fn decode_pump(
         pipe.wire.add(n);
         records.push(&buf[..n]);
     }
+}
+
+/// Hands a decoder event to our encoder. Bounded: a peer that sends NACKs and never reads our
+/// answers must not grow the queue. A decoder waits for the REPAIR of the chunk it NACKed
+/// before it goes on, so a healthy peer has one or two pending; more than
+/// MAX_PENDING_CONTROL is abuse. (A closed receiver means the encoding side has finished:
+/// nothing to tell it any more.)
+fn control(ctrl: &mpsc::Sender<Ctrl>, c: Ctrl) -> Result<(), ChainError> {
+    match ctrl.try_send(c) {
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(ChainError::Protocol("too many NACKs pending: the peer does not read our stream"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Decodes `bytes` (none: retry output that waited), passes the events on, writes what was
+/// decoded, and wakes the pair's waiting decoders if this one added chunks.
+async fn decode_step(
+    dec: &mut Decoder,
+    bytes: &[u8],
+    out: &mut Vec<u8>,
+    output: &mut (impl AsyncWrite + Unpin),
+    defined: Option<&tokio::sync::Notify>,
+    ctrl: &mpsc::Sender<Ctrl>,
+    pipe: Pipe<'_>,
+) -> Result<(), ChainError> {
+    let before = dec.stats();
+    let r = dec.decode(bytes, out);
+    let after = dec.stats();
+    if let Some(d) = defined {
+        if after.defined_bytes != before.defined_bytes || after.repaired_bytes != before.repaired_bytes {
+            d.notify_waiters();
+        }
+    }
+    while let Some(ev) = dec.poll_event() {
+        let c = match ev {
+            Event::SendNack(n) => Ctrl::SendNack(n),
+            Event::NackReceived(n) => Ctrl::HandleNack(n),
+        };
+        control(ctrl, c)?;
+    }
+    // Whatever was decoded before an error is an exact prefix: deliver it.
+    if !out.is_empty() {
+        output.write_all(out).await?;
+        pipe.plain.add(out.len());
+        out.clear();
+    }
+    r?;
+    Ok(())
 }
 
 /// Reads the peer's HELLO; returns it and any bytes that came after it.

@@ -287,6 +287,10 @@ pub struct ProxySection {
     /// Compress literal and new-chunk bodies with zstd level 1.
     #[serde(default)]
     pub zstd: bool,
+    /// Run each pair's dictionaries shared by all of its concurrent connections when the
+    /// peer offers it too (chain HELLO flag); off, one connection at a time has them.
+    #[serde(default = "default_true")]
+    pub shared_dictionaries: bool,
 }
 
 /// `[proxy] role`: which end of a proxy chain this proxy is, if any.

@@ -168,6 +168,7 @@ fn chain_config(
         dictionary_dir: p.dictionary_dir.clone(),
         id: p.chain_id.clone().unwrap_or_else(|| node.to_string()),
         zstd: p.zstd,
+        shared: p.shared_dictionaries,
         savings,
     })
 }

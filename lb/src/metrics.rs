@@ -209,7 +209,7 @@ const OWNER_DECISIONS: Def = Def {
 };
 const CHAIN_CONNS: Def = Def {
     name: "lb_chain_connections_total",
-    help: "Connections of the chained-proxy role by mode: chained, plain, failed, ephemeral (chained on throwaway dictionaries; also counted as chained).",
+    help: "Connections of the chained-proxy role by mode: chained, plain, failed, shared (chained on the pair's dictionaries shared with its other connections; also counted as chained), ephemeral (chained on throwaway dictionaries; also counted as chained).",
     labels: &["role", "mode"],
 };
 const CHAIN_BYTES: Def = Def {
@@ -219,7 +219,7 @@ const CHAIN_BYTES: Def = Def {
 };
 const CHAIN_EVENTS: Def = Def {
     name: "lb_chain_events_total",
-    help: "Chain codec events: reset (epoch resets started here), nack_sent, nack_received, decode_error, dictionary_saved.",
+    help: "Chain codec events: reset (epoch resets started here), nack_sent, nack_received, decode_error, dictionary_saved, shared_wait_arrived (a reference waited for a chunk another connection defined, and got it), shared_wait_fetched (the wait ran out; the chunk was fetched by NACK).",
     labels: &["event"],
 };
 const CHAIN_DICTIONARY: Def = Def {
@@ -572,8 +572,14 @@ fn chain_families(s: &crate::chain::ChainStats) -> Vec<MetricFamily> {
     use std::sync::atomic::Ordering::Relaxed;
     let role = s.role.as_str();
     let mut out = CHAIN_CONNS.counters(
-        [("chained", &s.chained), ("plain", &s.plain), ("failed", &s.failed), ("ephemeral", &s.ephemeral)]
-            .map(|(mode, v)| (vec![role, mode], v.load(Relaxed))),
+        [
+            ("chained", &s.chained),
+            ("plain", &s.plain),
+            ("failed", &s.failed),
+            ("shared", &s.shared),
+            ("ephemeral", &s.ephemeral),
+        ]
+        .map(|(mode, v)| (vec![role, mode], v.load(Relaxed))),
     );
     out.extend(
         CHAIN_BYTES.counters(
@@ -594,6 +600,8 @@ fn chain_families(s: &crate::chain::ChainStats) -> Vec<MetricFamily> {
                 ("nack_received", &s.nacks_received),
                 ("decode_error", &s.decode_errors),
                 ("dictionary_saved", &s.saves),
+                ("shared_wait_arrived", &s.waits_arrived),
+                ("shared_wait_fetched", &s.waits_fetched),
             ]
             .map(|(e, v)| (vec![e], v.load(Relaxed))),
         ),

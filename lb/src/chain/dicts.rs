@@ -1,13 +1,15 @@
-//! The pair dictionaries of one proxy: one [`Store`] per peer and direction, checked out by
-//! one connection at a time, optionally saved to and loaded from a directory.
+//! The pair dictionaries of one proxy: one [`Store`] per peer and direction, optionally saved
+//! to and loaded from a directory. A pair's dictionaries are either *shared* by all of its
+//! concurrent connections ([`Dictionaries::shared`], peers that offer it in their HELLO), or
+//! checked out by one connection at a time (older peers).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use dictionary_affinity::Store;
+use dictionary_affinity::{SharedStore, Store};
 use tracing::{info, warn};
 
 /// Both directions' dictionaries of one downstream/upstream pair.
@@ -55,10 +57,43 @@ impl Drop for Checkout<'_> {
     }
 }
 
+/// Both directions' dictionaries of one pair, shared by all of its connections (cheap to
+/// clone), and the signal its decoders wait on for chunks still in flight.
+#[derive(Debug, Clone)]
+pub struct SharedPair {
+    /// Request direction.
+    pub to_upstream: SharedStore,
+    /// Response direction.
+    pub to_downstream: SharedStore,
+    /// Woken after a decoder of the pair added chunks: a decoder waiting for a chunk defined
+    /// on another connection retries.
+    pub defined: Arc<tokio::sync::Notify>,
+}
+
+impl SharedPair {
+    fn new(stores: PairStores) -> Self {
+        Self {
+            to_upstream: SharedStore::new(stores.to_upstream),
+            to_downstream: SharedStore::new(stores.to_downstream),
+            defined: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    fn used(&self) -> u64 {
+        self.to_upstream.lock().used() + self.to_downstream.lock().used()
+    }
+
+    fn snapshot(&self) -> PairStores {
+        PairStores { to_upstream: self.to_upstream.snapshot(), to_downstream: self.to_downstream.snapshot() }
+    }
+}
+
 #[derive(Debug)]
 struct Slot {
-    /// `None` while a connection has it checked out.
+    /// `None` while a connection has it checked out, or once shared.
     stores: Option<PairStores>,
+    /// The pair's dictionaries once a connection ran them shared: from then on they stay so.
+    shared: Option<SharedPair>,
     /// Changed since the last save.
     dirty: bool,
     /// Bytes held at the last check-in (for the gauge while checked out).
@@ -88,7 +123,7 @@ impl Dictionaries {
             }
             for (peer, stores) in load_dir(dir, budget) {
                 let used = stores.used();
-                pairs.insert(peer, Slot { stores: Some(stores), dirty: false, used });
+                pairs.insert(peer, Slot { stores: Some(stores), shared: None, dirty: false, used });
             }
         }
         Self { budget, dir, pairs: Mutex::new(pairs), freed: tokio::sync::Notify::new() }
@@ -103,12 +138,52 @@ impl Dictionaries {
     /// `None` while another connection holds them.
     pub fn checkout(&self, peer: &str) -> Option<PairStores> {
         let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = pairs.entry(peer.to_string()).or_insert_with(|| Slot {
-            stores: Some(PairStores::fresh(self.budget)),
-            dirty: false,
-            used: 0,
-        });
+        let slot = pairs.entry(peer.to_string()).or_insert_with(|| self.fresh_slot());
         slot.stores.take()
+    }
+
+    fn fresh_slot(&self) -> Slot {
+        Slot { stores: Some(PairStores::fresh(self.budget)), shared: None, dirty: false, used: 0 }
+    }
+
+    /// `peer`'s dictionaries shared by all of its connections (created empty on first
+    /// contact, or made shared from the pair's own, waiting up to `wait` for a connection of
+    /// an older peer that has them checked out); `None` if that connection keeps them longer.
+    pub async fn shared(&self, peer: &str, wait: std::time::Duration) -> Option<SharedPair> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = pairs.entry(peer.to_string()).or_insert_with(|| self.fresh_slot());
+                if let Some(p) = &slot.shared {
+                    return Some(p.clone());
+                }
+                if let Some(stores) = slot.stores.take() {
+                    let p = SharedPair::new(stores);
+                    slot.shared = Some(p.clone());
+                    return Some(p);
+                }
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// A connection on `peer`'s shared dictionaries ended (`changed`: it added or used
+    /// chunks); returns the bytes now held by all pairs.
+    pub fn shared_done(&self, peer: &str, changed: bool) -> u64 {
+        let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = pairs.get_mut(peer) {
+            slot.dirty |= changed;
+            if let Some(p) = &slot.shared {
+                slot.used = p.used();
+            }
+        }
+        pairs.values().map(|s| s.used).sum()
     }
 
     /// [`Dictionaries::checkout`], waiting up to `wait` for a busy pair: the previous
@@ -131,7 +206,7 @@ impl Dictionaries {
     /// Gives back what [`Dictionaries::checkout`] took; returns the bytes now held by all pairs.
     pub fn checkin(&self, peer: &str, stores: PairStores, changed: bool) -> u64 {
         let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = pairs.entry(peer.to_string()).or_insert(Slot { stores: None, dirty: false, used: 0 });
+        let slot = pairs.entry(peer.to_string()).or_insert(Slot { stores: None, shared: None, dirty: false, used: 0 });
         slot.used = stores.used();
         slot.dirty |= changed;
         slot.stores = Some(stores);
@@ -146,18 +221,23 @@ impl Dictionaries {
         self.pairs.lock().unwrap_or_else(|e| e.into_inner()).values().map(|s| s.used).sum()
     }
 
-    /// Saves every pair that changed since its last save and is not checked out right now
-    /// (blocking file I/O: call it from a blocking thread). Returns the pairs written.
+    /// Saves every pair that changed since its last save and is not checked out right now (a
+    /// shared pair is saved as it is at that moment; blocking file I/O: call it from a
+    /// blocking thread). Returns the pairs written.
     pub fn save_changed(&self, counter: &AtomicU64) -> usize {
         let Some(dir) = &self.dir else { return 0 };
         let snapshot: Vec<(String, PairStores)> = {
             let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
             pairs
                 .iter_mut()
-                .filter(|(_, s)| s.dirty && s.stores.is_some())
+                .filter(|(_, s)| s.dirty && (s.stores.is_some() || s.shared.is_some()))
                 .map(|(peer, s)| {
                     s.dirty = false;
-                    (peer.clone(), s.stores.clone().expect("filtered"))
+                    let stores = match &s.shared {
+                        Some(p) => p.snapshot(),
+                        None => s.stores.clone().expect("filtered"),
+                    };
+                    (peer.clone(), stores)
                 })
                 .collect()
         };

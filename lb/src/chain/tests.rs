@@ -30,6 +30,7 @@ fn config(role: Role, id: &str, dir: Option<PathBuf>, sink: Option<Arc<dyn Savin
         dictionary_dir: dir,
         id: id.into(),
         zstd: false,
+        shared: true,
         savings: sink,
     }
 }
@@ -171,13 +172,47 @@ impl SavingsSink for Totals {
     }
 }
 
+/// Issue 9: two connections of one pair at once share the pair's dictionaries (both HELLOs
+/// offer FLAG_SHARED). Before, the second ran on throwaway dictionaries and a repeat of both
+/// cost a whole object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_connections_of_one_pair_are_both_exact() {
+async fn concurrent_connections_of_one_pair_share_its_dictionaries() {
     let objects = objects();
     let gate = Arc::new(tokio::sync::Barrier::new(2));
     let server = object_server(objects.clone(), Some(gate)).await;
     let down = Chain::new(config(Role::Downstream, "down-c", None, None));
     let up = Chain::new(config(Role::Upstream, "up-c", None, None));
+    let u = role(up.clone(), server).await;
+    let entry = role(down.clone(), u).await;
+    let (a, b) = tokio::join!(fetch(entry, 1), fetch(entry, 1));
+    assert!(a == objects[1] && b == objects[1], "both concurrent downloads exact");
+    let before = down.stats.to_downstream_wire.load(Relaxed);
+    for _ in 0..3 {
+        let (a, b) = tokio::join!(fetch(entry, 1), fetch(entry, 1));
+        assert!(a == objects[1] && b == objects[1], "both concurrent downloads exact");
+    }
+    let spent = down.stats.to_downstream_wire.load(Relaxed) - before;
+    assert_eq!(
+        down.stats.ephemeral.load(Relaxed) + up.stats.ephemeral.load(Relaxed),
+        0,
+        "none on throwaway dictionaries"
+    );
+    assert_eq!((down.stats.shared.load(Relaxed), up.stats.shared.load(Relaxed)), (8, 8));
+    assert!(spent < (6 * OBJECT as u64) / 20, "six warm downloads cost under 5% of their bytes: {spent}");
+    assert_eq!(down.stats.failed.load(Relaxed) + up.stats.failed.load(Relaxed), 0);
+    assert_eq!(down.stats.decode_errors.load(Relaxed) + up.stats.decode_errors.load(Relaxed), 0);
+}
+
+/// A peer that does not offer shared dictionaries (an older build, or `shared_dictionaries =
+/// false`) gets the one-connection-at-a-time checkout: the second concurrent connection runs
+/// on throwaway dictionaries, and both stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connections_without_shared_dictionaries_are_both_exact() {
+    let objects = objects();
+    let gate = Arc::new(tokio::sync::Barrier::new(2));
+    let server = object_server(objects.clone(), Some(gate)).await;
+    let down = Chain::new(config(Role::Downstream, "down-o", None, None));
+    let up = Chain::new(ChainConfig { shared: false, ..config(Role::Upstream, "up-o", None, None) });
     let u = role(up.clone(), server).await;
     let entry = role(down.clone(), u).await;
     for _ in 0..3 {
@@ -186,6 +221,7 @@ async fn concurrent_connections_of_one_pair_are_both_exact() {
     }
     // One of each concurrent pair of connections ran on throwaway dictionaries.
     assert!(down.stats.ephemeral.load(Relaxed) >= 3);
+    assert_eq!(down.stats.shared.load(Relaxed), 0);
     assert_eq!(down.stats.failed.load(Relaxed), 0);
     // The pair's dictionaries still agree: a sequential repeat is nearly free.
     let before = down.stats.to_downstream_wire.load(Relaxed);

@@ -10,6 +10,10 @@ pub const HELLO_VERSION: u8 = 1;
 /// HELLO flag (upstream only): the upstream checked out the pair's dictionaries for this
 /// connection; without it the connection runs on fresh throwaway dictionaries.
 pub const FLAG_AVAILABLE: u8 = 0x01;
+/// HELLO flag (either side): the sender runs its pair dictionaries shared by all of the pair's
+/// connections at once (docs/codec.md section 3.2). When both HELLOs carry it, the downstream
+/// answers [`Mode::Shared`] and no connection waits for another's dictionaries.
+pub const FLAG_SHARED: u8 = 0x02;
 /// Bytes of a HELLO before the identity.
 pub const HELLO_FIXED: usize = 15;
 /// Longest identity a HELLO carries.
@@ -37,7 +41,7 @@ mod field {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
-    /// [`FLAG_AVAILABLE`] or 0.
+    /// [`FLAG_AVAILABLE`], [`FLAG_SHARED`], or 0.
     pub flags: u8,
     /// The sender's per-direction dictionary budget in bytes (must equal the peer's to chain).
     pub budget: u64,
@@ -70,10 +74,10 @@ impl Hello {
         if b[field::VERSION] != HELLO_VERSION {
             return Err(ChainError::BadHello("unsupported chain protocol version"));
         }
-        let flags = b[field::FLAGS];
-        if flags & !FLAG_AVAILABLE != 0 {
-            return Err(ChainError::BadHello("unknown HELLO flags"));
-        }
+        // Unknown flags are a later build's offers: ignored, so that builds negotiate
+        // features instead of refusing each other. (Builds before FLAG_SHARED refused any
+        // unknown flag: see docs/codec.md section 11 for the upgrade.)
+        let flags = b[field::FLAGS] & (FLAG_AVAILABLE | FLAG_SHARED);
         let len = usize::from(b[field::ID_LEN]);
         if len == 0 {
             return Err(ChainError::BadHello("empty identity"));
@@ -99,6 +103,9 @@ pub enum Mode {
     Persistent = 1,
     /// No codec: the budgets differ, so the bytes are relayed as they are.
     Raw = 2,
+    /// The pair's dictionaries, shared with the pair's other connections (both HELLOs carried
+    /// [`FLAG_SHARED`]).
+    Shared = 3,
 }
 
 impl Mode {
@@ -108,6 +115,7 @@ impl Mode {
             0 => Ok(Mode::Ephemeral),
             1 => Ok(Mode::Persistent),
             2 => Ok(Mode::Raw),
+            3 => Ok(Mode::Shared),
             _ => Err(ChainError::Protocol("unknown MODE byte")),
         }
     }
@@ -209,9 +217,11 @@ mod tests {
         let mut bad = b.clone();
         bad[field::VERSION] = 9;
         assert!(Hello::parse(&bad).is_err());
+        // A later build's unknown flags are ignored, not refused: builds negotiate.
         bad = b.clone();
-        bad[field::FLAGS] = 0x80;
-        assert!(Hello::parse(&bad).is_err());
+        bad[field::FLAGS] = 0x80 | FLAG_SHARED;
+        let (got, _) = Hello::parse(&bad).unwrap().unwrap();
+        assert_eq!(got.flags, FLAG_SHARED);
     }
 
     #[test]
