@@ -6,6 +6,10 @@
 //! the same input. The input is 16 MiB of generated HTML-like records (fixed markup, random
 //! words, ids, prices and dates); the savings are printed to stderr.
 //!
+//! The `shared dictionary` group runs 16 concurrent streams of one pair on its shared
+//! dictionaries (docs/codec.md section 3.2), interleaved read by read, against the same bytes
+//! as one stream on the pair's own dictionaries, in the same run.
+//!
 //! `cargo bench -p benches --bench codec_dict`
 
 use std::hint::black_box;
@@ -13,7 +17,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dictionary_affinity::chunk::{ChunkId, Chunker};
 use dictionary_affinity::sample::{html_records, Rng};
-use dictionary_affinity::{Decoder, DecoderConfig, Encoder, EncoderConfig, Store};
+use dictionary_affinity::{Decoder, DecoderConfig, Encoder, EncoderConfig, SharedStore, Store};
 
 const SIZE: usize = 16 << 20;
 const BUDGET: u64 = 64 << 20;
@@ -144,5 +148,86 @@ fn codec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, chunking, codec);
+/// Encode + decode of repeated content (warm dictionaries): one stream of 16 MiB on the pair's
+/// own stores, against 16 streams of 1 MiB each on the pair's shared stores, interleaved one
+/// 64 KiB read at a time (one thread: what sharing costs per byte, locks included).
+fn shared(c: &mut Criterion) {
+    const STREAMS: usize = 16;
+    let data = html_records(SIZE, 5);
+    let config = EncoderConfig::default();
+    let slice = SIZE / STREAMS;
+    // Warm both kinds of dictionaries with one pass.
+    let (mut enc, mut dec) =
+        (Encoder::new(Store::new(BUDGET), config).unwrap(), Decoder::new(Store::new(BUDGET), DecoderConfig::default()));
+    let mut wire = Vec::new();
+    encode_all(&mut enc, &data, &mut wire);
+    dec.decode(&wire, &mut Vec::new()).unwrap();
+    let (own_enc, own_dec) = (enc.into_store(), dec.into_store());
+    let (shared_enc, shared_dec) = (SharedStore::new(own_enc.clone()), SharedStore::new(own_dec.clone()));
+
+    let mut g = c.benchmark_group("shared dictionary");
+    g.throughput(Throughput::Bytes(SIZE as u64));
+    g.sample_size(10);
+    g.bench_function("1 stream, own dictionaries, encode+decode, repeated content (baseline)", |b| {
+        b.iter_batched_ref(
+            || {
+                (
+                    Encoder::new(own_enc.clone(), config).unwrap(),
+                    Decoder::new(own_dec.clone(), DecoderConfig::default()),
+                    Vec::with_capacity(SIZE),
+                )
+            },
+            |(enc, dec, out)| {
+                let mut wire = Vec::new();
+                for piece in black_box(&data).chunks(READ) {
+                    enc.encode(piece, &mut wire);
+                    dec.decode(&wire, out).unwrap();
+                    wire.clear();
+                }
+                enc.flush(&mut wire);
+                dec.decode(&wire, out).unwrap();
+                assert_eq!(out.len(), SIZE);
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("16 streams at once, shared dictionaries, encode+decode, repeated content", |b| {
+        b.iter_batched_ref(
+            || {
+                (0..STREAMS)
+                    .map(|_| {
+                        (
+                            Encoder::shared(shared_enc.clone(), config).unwrap(),
+                            Decoder::shared(shared_dec.clone(), DecoderConfig::default()),
+                            Vec::with_capacity(slice),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |streams| {
+                let mut wire = Vec::new();
+                for round in 0..slice.div_ceil(READ) {
+                    for (i, (enc, dec, out)) in streams.iter_mut().enumerate() {
+                        let start = i * slice + round * READ;
+                        let end = (start + READ).min((i + 1) * slice);
+                        enc.encode(black_box(&data[start..end]), &mut wire);
+                        dec.decode(&wire, out).unwrap();
+                        wire.clear();
+                    }
+                }
+                for (enc, dec, out) in streams.iter_mut() {
+                    enc.flush(&mut wire);
+                    dec.decode(&wire, out).unwrap();
+                    wire.clear();
+                    assert_eq!(dec.waiting_for(), None);
+                    assert_eq!(out.len(), slice);
+                }
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, chunking, codec, shared);
 criterion_main!(benches);
