@@ -98,6 +98,7 @@ fn config(role: Role, id: &str) -> ChainConfig {
         id: id.into(),
         zstd: false,
         shared: true,
+        max_pairs: 64,
         savings: None,
     }
 }

@@ -94,6 +94,8 @@ pub struct ChainConfig {
     /// Offer (HELLO flag) and accept pair dictionaries shared by all of a pair's concurrent
     /// connections; off, every connection checks the pair's dictionaries out alone.
     pub shared: bool,
+    /// Most pair dictionaries held at once (the least recently used idle pair makes room).
+    pub max_pairs: usize,
     /// Upstream: where savings are reported.
     pub savings: Option<Arc<dyn SavingsSink>>,
 }
@@ -112,6 +114,7 @@ impl std::fmt::Debug for ChainConfig {
             .field("id", &self.id)
             .field("zstd", &self.zstd)
             .field("shared", &self.shared)
+            .field("max_pairs", &self.max_pairs)
             .field("savings", &self.savings.is_some())
             .finish()
     }
@@ -157,6 +160,8 @@ pub struct ChainStats {
     pub waits_arrived: AtomicU64,
     /// Shared dictionaries: waits that ran out ([`SHARED_WAIT`]); the chunk was fetched by NACK.
     pub waits_fetched: AtomicU64,
+    /// Pair dictionaries dropped to make room for a new pair (`max_pairs`).
+    pub pairs_evicted: Arc<AtomicU64>,
 }
 
 impl ChainStats {
@@ -182,6 +187,7 @@ impl ChainStats {
             shared: z(),
             waits_arrived: z(),
             waits_fetched: z(),
+            pairs_evicted: Arc::default(),
         }
     }
 }
@@ -321,8 +327,13 @@ enum Ctrl {
 impl Chain {
     /// The chain role, with the pair dictionaries loaded from `dictionary_dir` if set.
     pub fn new(config: ChainConfig) -> Arc<Chain> {
-        let dicts = Dictionaries::new(config.budget, config.dictionary_dir.clone());
         let stats = Arc::new(ChainStats::new(config.role));
+        let dicts = Dictionaries::new(
+            config.budget,
+            config.dictionary_dir.clone(),
+            config.max_pairs,
+            Arc::clone(&stats.pairs_evicted),
+        );
         stats.dictionary_bytes.store(dicts.used(), Relaxed);
         Arc::new(Chain { config, dicts, stats })
     }

@@ -291,6 +291,14 @@ pub struct ProxySection {
     /// peer offers it too (chain HELLO flag); off, one connection at a time has them.
     #[serde(default = "default_true")]
     pub shared_dictionaries: bool,
+    /// Most pair dictionaries held at once (peer identities); memory stays under this x 2 x
+    /// `dictionary_budget_mb`.
+    #[serde(default = "default_max_dictionary_pairs")]
+    pub max_dictionary_pairs: usize,
+}
+
+fn default_max_dictionary_pairs() -> usize {
+    64
 }
 
 /// `[proxy] role`: which end of a proxy chain this proxy is, if any.
@@ -330,6 +338,9 @@ impl ProxySection {
         }
         if !(1..=10_000).contains(&self.detect_ms) {
             return Err(invalid("proxy.detect_ms", "must be between 1 and 10000"));
+        }
+        if !(1..=65_536).contains(&self.max_dictionary_pairs) {
+            return Err(invalid("proxy.max_dictionary_pairs", "must be between 1 and 65536"));
         }
         if !(1..=65_536).contains(&self.dictionary_budget_mb) {
             return Err(invalid("proxy.dictionary_budget_mb", "must be between 1 and 65536"));
@@ -1166,6 +1177,7 @@ listen = "127.0.0.1:9741"
             ("role = \"upstream\"\nchain_ports = [80]", "proxy.chain_ports"),
             ("role = \"upstream\"\ndetect_ms = 0", "proxy.detect_ms"),
             ("dictionary_budget_mb = 0", "proxy.dictionary_budget_mb"),
+            ("max_dictionary_pairs = 0", "proxy.max_dictionary_pairs"),
             ("chain_id = \"\"", "proxy.chain_id"),
             ("chain_bogus = 1", "chain_bogus"),
         ] {

@@ -169,6 +169,7 @@ fn chain_config(
         id: p.chain_id.clone().unwrap_or_else(|| node.to_string()),
         zstd: p.zstd,
         shared: p.shared_dictionaries,
+        max_pairs: p.max_dictionary_pairs,
         savings,
     })
 }

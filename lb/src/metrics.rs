@@ -219,7 +219,7 @@ const CHAIN_BYTES: Def = Def {
 };
 const CHAIN_EVENTS: Def = Def {
     name: "lb_chain_events_total",
-    help: "Chain codec events: reset (epoch resets started here), nack_sent, nack_received, decode_error, dictionary_saved, shared_wait_arrived (a reference waited for a chunk another connection defined, and got it), shared_wait_fetched (the wait ran out; the chunk was fetched by NACK).",
+    help: "Chain codec events: reset (epoch resets started here), nack_sent, nack_received, decode_error, dictionary_saved, shared_wait_arrived (a reference waited for a chunk another connection defined, and got it), shared_wait_fetched (the wait ran out; the chunk was fetched by NACK), dictionary_pair_evicted (a pair's dictionaries dropped for a new pair: max_dictionary_pairs).",
     labels: &["event"],
 };
 const CHAIN_DICTIONARY: Def = Def {
@@ -602,6 +602,7 @@ fn chain_families(s: &crate::chain::ChainStats) -> Vec<MetricFamily> {
                 ("dictionary_saved", &s.saves),
                 ("shared_wait_arrived", &s.waits_arrived),
                 ("shared_wait_fetched", &s.waits_fetched),
+                ("dictionary_pair_evicted", &*s.pairs_evicted),
             ]
             .map(|(e, v)| (vec![e], v.load(Relaxed))),
         ),

@@ -98,6 +98,19 @@ struct Slot {
     dirty: bool,
     /// Bytes held at the last check-in (for the gauge while checked out).
     used: u64,
+    /// When a connection last took the pair (a logical clock): the least recent idle pair
+    /// makes room for a new one.
+    last_used: u64,
+}
+
+impl Slot {
+    /// No connection holds the pair's dictionaries.
+    fn idle(&self) -> bool {
+        match &self.shared {
+            Some(p) => Arc::strong_count(&p.defined) == 1,
+            None => self.stores.is_some(),
+        }
+    }
 }
 
 /// Every pair's dictionaries on this proxy, keyed by the peer's HELLO identity.
@@ -105,7 +118,12 @@ struct Slot {
 pub struct Dictionaries {
     budget: u64,
     dir: Option<PathBuf>,
+    /// Most pairs held at once: memory stays under `max_pairs` x 2 x `budget`.
+    max_pairs: usize,
     pairs: Mutex<HashMap<String, Slot>>,
+    clock: AtomicU64,
+    /// Pairs dropped to make room for a new one.
+    evicted: Arc<AtomicU64>,
     /// Woken at every check-in, for connections waiting for a busy pair.
     freed: tokio::sync::Notify,
 }
@@ -114,19 +132,65 @@ const DIRECTIONS: [&str; 2] = ["to_upstream", "to_downstream"];
 
 impl Dictionaries {
     /// Empty, or loaded from `dir` (files that do not load are logged and skipped: that pair
-    /// starts afresh, and the stream header's digest makes the peer reset too).
-    pub fn new(budget: u64, dir: Option<PathBuf>) -> Self {
+    /// starts afresh, and the stream header's digest makes the peer reset too); at most
+    /// `max_pairs` pairs (at least 1), `evicted` counting those dropped to make room.
+    pub fn new(budget: u64, dir: Option<PathBuf>, max_pairs: usize, evicted: Arc<AtomicU64>) -> Self {
+        let max_pairs = max_pairs.max(1);
         let mut pairs = HashMap::new();
         if let Some(dir) = &dir {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 warn!(dir = %dir.display(), error = %e, "cannot create the dictionary directory");
             }
-            for (peer, stores) in load_dir(dir, budget) {
+            let mut loaded: Vec<_> = load_dir(dir, budget).into_iter().collect();
+            loaded.sort_by(|a, b| a.0.cmp(&b.0));
+            if loaded.len() > max_pairs {
+                warn!(
+                    files = loaded.len(),
+                    max_pairs, "more saved pairs than max_dictionary_pairs; the rest are not loaded"
+                );
+                loaded.truncate(max_pairs);
+            }
+            for (peer, stores) in loaded {
                 let used = stores.used();
-                pairs.insert(peer, Slot { stores: Some(stores), shared: None, dirty: false, used });
+                pairs.insert(peer, Slot { stores: Some(stores), shared: None, dirty: false, used, last_used: 0 });
             }
         }
-        Self { budget, dir, pairs: Mutex::new(pairs), freed: tokio::sync::Notify::new() }
+        Self {
+            budget,
+            dir,
+            max_pairs,
+            pairs: Mutex::new(pairs),
+            clock: AtomicU64::new(1),
+            evicted,
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// `peer`'s slot, created if there is room: at `max_pairs`, the least recently used idle
+    /// pair is dropped (one that has not changed since its last save first); `None` when
+    /// every pair is in use.
+    fn slot<'m>(&self, pairs: &'m mut HashMap<String, Slot>, peer: &str) -> Option<&'m mut Slot> {
+        let now = self.clock.fetch_add(1, Relaxed);
+        if !pairs.contains_key(peer) {
+            if pairs.len() >= self.max_pairs {
+                let victim = pairs
+                    .iter()
+                    .filter(|(_, s)| s.idle())
+                    .min_by_key(|(_, s)| (s.dirty && self.dir.is_some(), s.last_used))
+                    .map(|(k, s)| (k.clone(), s.dirty && self.dir.is_some()))?;
+                if victim.1 {
+                    warn!(peer = %victim.0, "pair dictionaries dropped before their next save: max_dictionary_pairs reached");
+                } else {
+                    info!(peer = %victim.0, "pair dictionaries dropped: max_dictionary_pairs reached");
+                }
+                pairs.remove(&victim.0);
+                self.evicted.fetch_add(1, Relaxed);
+            }
+            pairs.insert(peer.to_string(), self.fresh_slot());
+        }
+        let slot = pairs.get_mut(peer).expect("present");
+        slot.last_used = now;
+        Some(slot)
     }
 
     /// The per-direction byte budget.
@@ -138,12 +202,11 @@ impl Dictionaries {
     /// `None` while another connection holds them.
     pub fn checkout(&self, peer: &str) -> Option<PairStores> {
         let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = pairs.entry(peer.to_string()).or_insert_with(|| self.fresh_slot());
-        slot.stores.take()
+        self.slot(&mut pairs, peer)?.stores.take()
     }
 
     fn fresh_slot(&self) -> Slot {
-        Slot { stores: Some(PairStores::fresh(self.budget)), shared: None, dirty: false, used: 0 }
+        Slot { stores: Some(PairStores::fresh(self.budget)), shared: None, dirty: false, used: 0, last_used: 0 }
     }
 
     /// `peer`'s dictionaries shared by all of its connections (created empty on first
@@ -157,14 +220,15 @@ impl Dictionaries {
             freed.as_mut().enable();
             {
                 let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
-                let slot = pairs.entry(peer.to_string()).or_insert_with(|| self.fresh_slot());
-                if let Some(p) = &slot.shared {
-                    return Some(p.clone());
-                }
-                if let Some(stores) = slot.stores.take() {
-                    let p = SharedPair::new(stores);
-                    slot.shared = Some(p.clone());
-                    return Some(p);
+                if let Some(slot) = self.slot(&mut pairs, peer) {
+                    if let Some(p) = &slot.shared {
+                        return Some(p.clone());
+                    }
+                    if let Some(stores) = slot.stores.take() {
+                        let p = SharedPair::new(stores);
+                        slot.shared = Some(p.clone());
+                        return Some(p);
+                    }
                 }
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -206,7 +270,13 @@ impl Dictionaries {
     /// Gives back what [`Dictionaries::checkout`] took; returns the bytes now held by all pairs.
     pub fn checkin(&self, peer: &str, stores: PairStores, changed: bool) -> u64 {
         let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = pairs.entry(peer.to_string()).or_insert(Slot { stores: None, shared: None, dirty: false, used: 0 });
+        let slot = pairs.entry(peer.to_string()).or_insert(Slot {
+            stores: None,
+            shared: None,
+            dirty: false,
+            used: 0,
+            last_used: 0,
+        });
         slot.used = stores.used();
         slot.dirty |= changed;
         slot.stores = Some(stores);
@@ -318,7 +388,7 @@ mod tests {
     fn one_checkout_at_a_time_and_saved_pairs_load_back_while_corrupt_files_are_skipped() {
         let dir = std::env::temp_dir().join(format!("lb-dicts-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let d = Dictionaries::new(1 << 20, Some(dir.clone()));
+        let d = Dictionaries::new(1 << 20, Some(dir.clone()), 8, Arc::default());
         let mut s = d.checkout("a b/c").expect("first checkout");
         assert!(d.checkout("a b/c").is_none(), "busy while checked out");
         let chunk: std::sync::Arc<[u8]> = vec![5u8; 4000].into();
@@ -330,10 +400,33 @@ mod tests {
         assert_eq!(d.save_changed(&counter), 1);
         assert_eq!(d.save_changed(&counter), 0, "nothing changed since");
         std::fs::write(dir.join(format!("{}.to_upstream.lbds", hex("broken"))), b"LBDS garbage").unwrap();
-        let again = Dictionaries::new(1 << 20, Some(dir.clone()));
+        let again = Dictionaries::new(1 << 20, Some(dir.clone()), 8, Arc::default());
         let got = again.checkout("a b/c").expect("loaded");
         assert_eq!((got.to_upstream == want.to_upstream, got.to_downstream == want.to_downstream), (true, true));
         assert_eq!(again.checkout("broken").expect("fresh").to_upstream, Store::new(1 << 20));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn at_most_max_pairs_and_the_least_recently_used_idle_one_makes_room() {
+        let evicted = Arc::new(AtomicU64::new(0));
+        let d = Dictionaries::new(1 << 20, None, 2, evicted.clone());
+        let a = d.checkout("a").expect("room");
+        d.checkin("a", a, true);
+        let _b = d.checkout("b").expect("room");
+        let _c = d.checkout("c").expect("a is idle: dropped for c");
+        assert_eq!(evicted.load(Relaxed), 1);
+        assert!(d.checkout("d").is_none(), "b and c are in use: no room, the connection runs ephemeral");
+        assert_eq!(d.pairs.lock().unwrap().len(), 2);
+        assert_eq!(evicted.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_shared_pair_in_use_is_never_dropped() {
+        let d = Dictionaries::new(1 << 20, None, 1, Arc::default());
+        let held = d.shared("a", std::time::Duration::ZERO).await.expect("room");
+        assert!(d.shared("b", std::time::Duration::ZERO).await.is_none(), "a is in use");
+        drop(held);
+        assert!(d.shared("b", std::time::Duration::ZERO).await.is_some(), "a is idle now: dropped for b");
     }
 }

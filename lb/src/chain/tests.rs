@@ -31,6 +31,7 @@ fn config(role: Role, id: &str, dir: Option<PathBuf>, sink: Option<Arc<dyn Savin
         id: id.into(),
         zstd: false,
         shared: true,
+        max_pairs: 64,
         savings: sink,
     }
 }
