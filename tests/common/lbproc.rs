@@ -44,7 +44,7 @@ impl LbProcess {
                 Command::new(LB)
                     .args(["run", "--config"])
                     .arg(&cfg)
-                    .env("RUST_LOG", "info")
+                    .env("RUST_LOG", std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()))
                     .envs(env.iter().copied())
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
