@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::relay::{self, Activity, Ended, Meter};
 use dicts::{Checkout, Dictionaries, PairStores, SharedPair};
 use wire::{Hello, Mode, Record, Records, FLAG_AVAILABLE, FLAG_SHARED, HELLO_MAGIC, REC_DONE, REC_END};
 
@@ -262,11 +263,20 @@ struct ConnBytes {
     /// The connection runs on the pair's own dictionaries (MODE persistent or shared): only
     /// then are its savings the dictionary's, worth advertising.
     persistent: std::sync::atomic::AtomicBool,
+    /// When a byte last moved either way, on either side (the idle timeout).
+    activity: Activity,
 }
 
 impl ConnBytes {
-    fn total(&self) -> u64 {
-        [&self.up_plain, &self.up_wire, &self.down_plain, &self.down_wire].iter().map(|a| a.load(Relaxed)).sum()
+    /// A counter of this connection with its role-wide twin.
+    fn meter<'a>(&'a self, mine: &'a AtomicU64, total: &'a AtomicU64) -> Meter<'a> {
+        Meter { mine, total: Some(total), activity: &self.activity }
+    }
+
+    /// A counter of this connection alone (a plain relay's bytes go to the proxy's totals
+    /// when it ends).
+    fn own<'a>(&'a self, mine: &'a AtomicU64) -> Meter<'a> {
+        Meter { mine, total: None, activity: &self.activity }
     }
 
     /// The connection's counters of each direction (towards the upstream, towards the
@@ -274,12 +284,12 @@ impl ConnBytes {
     fn pipes<'a>(&'a self, stats: &'a ChainStats) -> (Pipe<'a>, Pipe<'a>) {
         (
             Pipe {
-                plain: Meter(&self.up_plain, &stats.to_upstream_plain),
-                wire: Meter(&self.up_wire, &stats.to_upstream_wire),
+                plain: self.meter(&self.up_plain, &stats.to_upstream_plain),
+                wire: self.meter(&self.up_wire, &stats.to_upstream_wire),
             },
             Pipe {
-                plain: Meter(&self.down_plain, &stats.to_downstream_plain),
-                wire: Meter(&self.down_wire, &stats.to_downstream_wire),
+                plain: self.meter(&self.down_plain, &stats.to_downstream_plain),
+                wire: self.meter(&self.down_wire, &stats.to_downstream_wire),
             },
         )
     }
@@ -294,17 +304,6 @@ impl ConnBytes {
         let plain = self.up_plain.load(Relaxed) + self.down_plain.load(Relaxed);
         let wire = self.up_wire.load(Relaxed) + self.down_wire.load(Relaxed);
         plain as i64 - wire as i64
-    }
-}
-
-/// A byte counter of the connection and its global twin.
-#[derive(Clone, Copy)]
-struct Meter<'a>(&'a AtomicU64, &'a AtomicU64);
-
-impl Meter<'_> {
-    fn add(&self, n: usize) {
-        self.0.fetch_add(n as u64, Relaxed);
-        self.1.fetch_add(n as u64, Relaxed);
     }
 }
 
@@ -454,11 +453,11 @@ impl Chain {
         let s = &self.stats;
         let hello = self.hello(if self.config.shared { FLAG_SHARED } else { 0 });
         up.write_all(&hello).await?;
-        Meter(&conn.up_wire, &s.to_upstream_wire).add(hello.len());
+        conn.meter(&conn.up_wire, &s.to_upstream_wire).add(hello.len());
         let (peer, rest) = tokio::time::timeout(self.config.hello_timeout, read_hello(up))
             .await
             .map_err(|_| ChainError::NoUpstream("nothing came back in time"))??;
-        Meter(&conn.down_wire, &s.to_downstream_wire).add(rest.len());
+        conn.meter(&conn.down_wire, &s.to_downstream_wire).add(rest.len());
         // The upstream offers FLAG_SHARED only once it holds the pair's shared dictionaries.
         let dicts = if peer.budget != self.config.budget {
             None
@@ -481,11 +480,11 @@ impl Chain {
             Some(PairDicts::Fresh) => Mode::Ephemeral,
         };
         up.write_all(&[mode as u8]).await?;
-        Meter(&conn.up_wire, &s.to_upstream_wire).add(1);
+        conn.meter(&conn.up_wire, &s.to_upstream_wire).add(1);
         tracing::debug!(peer = %peer.id, ?mode, "chained to an upstream");
         let Some(dicts) = dicts else {
             client.write_all(&rest).await?;
-            plain_relay(client, up, &conn.up_plain, &conn.down_plain).await?;
+            relay::copy_both(client, up, conn.own(&conn.up_plain), conn.own(&conn.down_plain)).await?;
             return Ok(conn.plain_outcome());
         };
         conn.persistent.store(!matches!(dicts, PairDicts::Fresh), Relaxed);
@@ -515,12 +514,12 @@ impl Chain {
                     client.write_all(&server_bytes).await?;
                     conn.up_plain.fetch_add(client_bytes.len() as u64, Relaxed);
                     conn.down_plain.fetch_add(server_bytes.len() as u64, Relaxed);
-                    plain_relay(server, client, &conn.down_plain, &conn.up_plain).await?;
+                    relay::copy_both(server, client, conn.own(&conn.down_plain), conn.own(&conn.up_plain)).await?;
                     return Ok(conn.plain_outcome());
                 }
                 Detection::Chained { hello, rest, server_first } => (hello, rest, server_first),
             };
-        Meter(&conn.up_wire, &s.to_upstream_wire).add(wire::HELLO_FIXED + hello.id.len() + rest.len());
+        conn.meter(&conn.up_wire, &s.to_upstream_wire).add(wire::HELLO_FIXED + hello.id.len() + rest.len());
         let (mut checkout, mut shared) = (None, None);
         if hello.budget == self.config.budget {
             if self.config.shared && hello.flags & FLAG_SHARED != 0 {
@@ -534,7 +533,7 @@ impl Chain {
             if checkout.is_some() { FLAG_AVAILABLE } else { 0 } | if shared.is_some() { FLAG_SHARED } else { 0 },
         );
         client.write_all(&ours).await?;
-        Meter(&conn.down_wire, &s.to_downstream_wire).add(ours.len());
+        conn.meter(&conn.down_wire, &s.to_downstream_wire).add(ours.len());
         if rest.is_empty() {
             let mut b = [0u8; 1];
             let n = tokio::time::timeout(self.config.hello_timeout, client.read(&mut b))
@@ -543,7 +542,7 @@ impl Chain {
             if n == 0 {
                 return Err(ChainError::Protocol("closed before the MODE byte"));
             }
-            Meter(&conn.up_wire, &s.to_upstream_wire).add(1);
+            conn.meter(&conn.up_wire, &s.to_upstream_wire).add(1);
             rest.push(b[0]);
         }
         let mode = Mode::from_byte(rest.remove(0))?;
@@ -551,7 +550,7 @@ impl Chain {
             (Mode::Raw, ..) => {
                 server.write_all(&rest).await?;
                 client.write_all(&server_first).await?;
-                plain_relay(server, client, &conn.down_plain, &conn.up_plain).await?;
+                relay::copy_both(server, client, conn.own(&conn.down_plain), conn.own(&conn.up_plain)).await?;
                 return Ok(conn.plain_outcome());
             }
             (Mode::Persistent, Some(stores), _) => PairDicts::Own(Box::new(stores)),
@@ -997,51 +996,14 @@ where
     }
 }
 
-/// Copies both ways untouched, passing each EOF on as a half-close.
-/// Relays `a` and `b` both ways untouched; `a_to_b` and `b_to_a` count the bytes.
-async fn plain_relay<A, B>(a: &mut A, b: &mut B, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> io::Result<()>
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    async fn copy(mut r: impl AsyncRead + Unpin, mut w: impl AsyncWrite + Unpin, n: &AtomicU64) -> io::Result<()> {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let k = r.read(&mut buf).await?;
-            if k == 0 {
-                return w.shutdown().await;
-            }
-            w.write_all(&buf[..k]).await?;
-            n.fetch_add(k as u64, Relaxed);
-        }
-    }
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    tokio::try_join!(copy(ar, bw, a_to_b), copy(br, aw, b_to_a)).map(|_| ())
-}
-
 /// Runs `f` unless no byte moved for `idle` (zero: never idle).
 async fn with_idle<F>(f: F, conn: &ConnBytes, idle: Duration) -> Result<Outcome, ChainError>
 where
     F: std::future::Future<Output = Result<Outcome, ChainError>>,
 {
-    if idle.is_zero() {
-        return f.await;
-    }
-    let watch = async {
-        let mut seen = conn.total();
-        loop {
-            tokio::time::sleep(idle).await;
-            let now = conn.total();
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    };
-    tokio::select! {
-        r = f => r,
-        () = watch => Ok(Outcome::Idle),
+    match relay::with_idle(f, &conn.activity, idle).await {
+        Ended::Done(r) => r,
+        Ended::Idle => Ok(Outcome::Idle),
     }
 }
 

@@ -14,5 +14,6 @@ pub mod logging;
 pub mod metrics;
 pub mod metrics_listener;
 pub mod proxy;
+pub mod relay;
 pub mod rules;
 pub mod steering;

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -27,11 +26,10 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::chain::{reset_on_close, Chain, ChainConfig, ChainStats, Outcome, Role};
+use crate::relay::{self, Activity, Meter};
 
 /// Listen backlog of the TPROXY socket.
 const BACKLOG: u32 = 1024;
-/// Relay buffer per direction and connection.
-const BUF: usize = 16 * 1024;
 
 /// What the transparent proxy listens on and how it treats each connection.
 #[derive(Debug, Clone)]
@@ -318,12 +316,12 @@ impl Drop for Gauge<'_> {
     }
 }
 
-/// Per-connection byte counts and the time of the last activity (ms since the relay began).
+/// Per-connection byte counts and the time of the last activity.
 #[derive(Default)]
 struct Flow {
     to_server: AtomicU64,
     to_client: AtomicU64,
-    last: AtomicU64,
+    activity: Activity,
 }
 
 /// How a relay ended without error: both sides closed their sending half, or nothing moved.
@@ -341,50 +339,11 @@ async fn relay(
     stats: &ProxyStats,
     flow: &Flow,
 ) -> io::Result<Ended> {
-    let epoch = Instant::now();
-    let (cr, cw) = client.split();
-    let (sr, sw) = server.split();
-    let up = pipe(cr, sw, &flow.to_server, &stats.bytes_to_server, &flow.last, epoch);
-    let down = pipe(sr, cw, &flow.to_client, &stats.bytes_to_client, &flow.last, epoch);
-    // try_join: an error (a reset) in one direction ends the other at once.
-    let both = async { tokio::try_join!(up, down).map(|_| Ended::Closed) };
-    if idle.is_zero() {
-        return both.await;
-    }
-    tokio::select! {
-        r = both => r,
-        () = idle_expired(&flow.last, idle, epoch) => Ok(Ended::Idle),
-    }
-}
-
-async fn pipe(
-    mut r: impl AsyncRead + Unpin,
-    mut w: impl AsyncWrite + Unpin,
-    mine: &AtomicU64,
-    total: &AtomicU64,
-    last: &AtomicU64,
-    epoch: Instant,
-) -> io::Result<()> {
-    let mut buf = vec![0; BUF];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return w.shutdown().await;
-        }
-        w.write_all(&buf[..n]).await?;
-        mine.fetch_add(n as u64, Relaxed);
-        total.fetch_add(n as u64, Relaxed);
-        last.store(epoch.elapsed().as_millis() as u64, Relaxed);
-    }
-}
-
-async fn idle_expired(last: &AtomicU64, idle: Duration, epoch: Instant) {
-    loop {
-        let deadline = epoch + Duration::from_millis(last.load(Relaxed)) + idle;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
+    let up = Meter { mine: &flow.to_server, total: Some(&stats.bytes_to_server), activity: &flow.activity };
+    let down = Meter { mine: &flow.to_client, total: Some(&stats.bytes_to_client), activity: &flow.activity };
+    match relay::with_idle(relay::copy_both(&mut client, &mut server, up, down), &flow.activity, idle).await {
+        relay::Ended::Done(r) => r.map(|()| Ended::Closed),
+        relay::Ended::Idle => Ok(Ended::Idle),
     }
 }
 
@@ -468,32 +427,6 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         (a, l.accept().await.unwrap().0)
-    }
-
-    #[tokio::test]
-    async fn relay_copies_both_ways_and_passes_half_closes_on() {
-        let ((mut client, proxy_client), (proxy_server, mut server)) = (pair().await, pair().await);
-        let (stats, flow) = (ProxyStats::default(), Flow::default());
-        let peers = async {
-            client.write_all(b"hello").await.unwrap();
-            client.shutdown().await.unwrap();
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got, b"hello");
-            // The server still answers after the client's half-close.
-            server.write_all(b"world!").await.unwrap();
-            server.shutdown().await.unwrap();
-            got.clear();
-            client.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got, b"world!");
-        };
-        let relayed = relay(proxy_client, proxy_server, Duration::from_secs(30), &stats, &flow);
-        let (ended, ()) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relayed, peers) })
-            .await
-            .expect("relay ends when both sides closed");
-        assert_eq!(ended.unwrap(), Ended::Closed);
-        assert_eq!((flow.to_server.load(Relaxed), flow.to_client.load(Relaxed)), (5, 6));
-        assert_eq!((stats.bytes_to_server.load(Relaxed), stats.bytes_to_client.load(Relaxed)), (5, 6));
     }
 
     #[tokio::test]

@@ -464,3 +464,49 @@ async fn only_the_pair_dictionaries_savings_are_reported() {
     .await
     .expect("the repeat's savings are reported");
 }
+
+/// A chained connection on which nothing moves ends on the idle timeout (the relay helper's
+/// activity clock: every byte counted on either side resets it). `short` is the end whose
+/// timeout is shorter; returns both ends' results, that end's first.
+async fn silent_connection(short: Role) -> (Result<Outcome, ChainError>, Result<Outcome, ChainError>) {
+    let server = object_server(objects(), None).await;
+    let down = Chain::new(config(Role::Downstream, "down-i", None, None));
+    let up = Chain::new(config(Role::Upstream, "up-i", None, None));
+    let (quick, slow) = (Duration::from_millis(300), Duration::from_secs(5));
+    let (down_idle, up_idle) = if short == Role::Downstream { (quick, slow) } else { (slow, quick) };
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let u = l.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut c, peer) = l.accept().await.unwrap();
+        let mut s = TcpStream::connect(server).await.unwrap();
+        up.upstream(&mut c, &mut s, peer, server, up_idle).await
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (mut proxy_side, _) = l.accept().await.unwrap();
+    // One byte, then silence: the server waits for the client's EOF, which never comes.
+    client.write_all(&[1]).await.unwrap();
+    let downstream = tokio::spawn(async move {
+        let mut to_up = TcpStream::connect(u).await.unwrap();
+        down.downstream(&mut proxy_side, &mut to_up, down_idle).await
+    });
+    let started = tokio::time::Instant::now();
+    let (first, second) = if short == Role::Downstream { (downstream, upstream) } else { (upstream, downstream) };
+    let first = tokio::time::timeout(WAIT, first).await.unwrap().unwrap();
+    assert!(started.elapsed() >= quick, "not before the idle timeout");
+    assert!(started.elapsed() < slow, "the short timeout ended it");
+    let second = tokio::time::timeout(WAIT, second).await.unwrap().unwrap();
+    (first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_chained_connection_ends_idle_at_the_downstream() {
+    let (down, _) = silent_connection(Role::Downstream).await;
+    assert_eq!(down.unwrap(), Outcome::Idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_chained_connection_ends_idle_at_the_upstream() {
+    let (up, _) = silent_connection(Role::Upstream).await;
+    assert_eq!(up.unwrap(), Outcome::Idle);
+}
