@@ -93,6 +93,9 @@ pub struct DriverStats {
     pub held: usize,
     /// Errors sending to the tunnel or the TUN device, giving verdicts, or receiving.
     pub io_errors: u64,
+    /// Packets the kernel let through unseen because the queue's socket buffer was full
+    /// (fail-open; [`NfQueue::overflowed`]).
+    pub queue_overflowed: u64,
     /// True while the driver thread runs.
     pub running: bool,
 }
@@ -106,6 +109,9 @@ pub struct Driver {
     stats: Arc<Mutex<DriverStats>>,
     io_errors: u64,
     fast_path_mark: u32,
+    /// The overflow count when it was last logged, and when.
+    overflow_reported: u64,
+    overflow_logged: Option<Instant>,
 }
 
 fn poll(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
@@ -143,6 +149,8 @@ impl Driver {
             stats: Arc::new(Mutex::new(DriverStats::default())),
             io_errors: 0,
             fast_path_mark: 0,
+            overflow_reported: 0,
+            overflow_logged: None,
         })
     }
 
@@ -349,11 +357,28 @@ impl Driver {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let overflowed = self.dev.queue.overflowed();
+        if overflowed > self.overflow_reported {
+            // At most one line per 10 s, with how many passed unseen since the last one.
+            let now = Instant::now();
+            if self.overflow_logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+                tracing::warn!(
+                    queue = self.dev.queue.queue_num(),
+                    unseen = overflowed - self.overflow_reported,
+                    total = overflowed,
+                    "NFQUEUE socket buffer full: packets passed unseen (fail-open); forwarded flows among them \
+                     went to the wrong place. Raise [dataplane] queue_buffer_bytes"
+                );
+                self.overflow_reported = overflowed;
+                self.overflow_logged = Some(now);
+            }
+        }
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         s.engine = self.engine.stats();
         s.held = self.engine.held();
         s.io_errors = self.io_errors + self.dev.queue.verdict_errors();
+        s.queue_overflowed = overflowed;
     }
 }
 

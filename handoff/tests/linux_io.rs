@@ -356,3 +356,59 @@ fn nfqueue_sees_prerouting_and_drops_or_accepts() {
     client_sender.send_to(b"bypassed", to_member).expect("send");
     assert_eq!(recv(&listener).0, b"bypassed");
 }
+
+#[test]
+fn nfqueue_socket_buffer_overflow_is_counted_and_a_bigger_buffer_holds_the_burst() {
+    const QUEUE: u16 = 8;
+    // Small enough for the listener's own socket buffer (the default), which must not drop.
+    const BURST: usize = 100;
+    let client = Netns::new("lbt").expect("client netns");
+    let member = Netns::new("lbt").expect("member netns");
+    veth(&client, "vc", &member, "vm").expect("veth");
+    client.ip(&["addr", "add", "198.18.3.1/24", "dev", "vc"]).expect("address");
+    member.ip(&["addr", "add", "198.18.3.2/24", "dev", "vm"]).expect("address");
+    member
+        .sh(&format!(
+            "iptables -t mangle -A PREROUTING -p udp --dport 7777 -j NFQUEUE --queue-num {QUEUE} --queue-bypass"
+        ))
+        .expect("install NFQUEUE rule");
+    let mut queue = {
+        let _inside = member.enter().expect("enter member");
+        NfQueue::open(QUEUE).expect("open NFQUEUE")
+    };
+    queue.set_max_len(8192).expect("queue length");
+    let listener = udp_in(&member, "198.18.3.2:7777".parse().unwrap());
+    let sender = udp_in(&client, "198.18.3.1:4000".parse().unwrap());
+    let burst = |queue: &mut NfQueue| {
+        for i in 0..BURST {
+            let mut d = vec![0u8; 300];
+            d[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            sender.send_to(&d, "198.18.3.2:7777").expect("send");
+        }
+        // Every datagram reaches the listener: queued ones once accepted, the rest unseen.
+        let mut queued = 0;
+        while let Some(q) = queue.recv_timeout(Duration::from_millis(200)).expect("recv") {
+            queue.verdict(q, NfVerdict::Accept).expect("verdict");
+            queued += 1;
+        }
+        for _ in 0..BURST {
+            recv(&listener);
+        }
+        queued
+    };
+    assert_eq!(queue.overflowed(), 0);
+
+    // A buffer of a few packets: the burst overflows it, and every overflowed packet is counted.
+    let small = queue.set_socket_buffer(4096).expect("small buffer");
+    assert!(small < 64 * 1024, "granted {small}");
+    let queued = burst(&mut queue);
+    let overflowed = queue.overflowed();
+    assert!(queued < BURST && overflowed > 0, "queued {queued}, overflowed {overflowed}");
+    assert_eq!(queued as u64 + overflowed, BURST as u64, "each datagram was queued or counted");
+
+    // A buffer beyond net.core.rmem_max (SO_RCVBUFFORCE): the same burst waits for the daemon.
+    let big = queue.set_socket_buffer(16 << 20).expect("big buffer");
+    assert!(big >= 16 << 20, "granted {big}");
+    assert_eq!(burst(&mut queue), BURST);
+    assert_eq!(queue.overflowed(), overflowed, "nothing more passed unseen");
+}

@@ -411,6 +411,11 @@ pub struct Dataplane {
     /// NFQUEUE length in packets; beyond it packets bypass the data plane (fail-open).
     #[serde(default = "default_queue_len")]
     pub queue_len: u32,
+    /// Receive buffer of the NFQUEUE socket in bytes: where queued packets wait for the
+    /// daemon. When it is full, packets pass unseen (fail-open), so a burst of forwarded
+    /// traffic must fit.
+    #[serde(default = "default_queue_buffer_bytes")]
+    pub queue_buffer_bytes: u64,
     /// Install and remove the netfilter rules (false: print them with `lb rules` and manage
     /// them yourself).
     #[serde(default = "default_true")]
@@ -676,6 +681,11 @@ fn default_half_closed_ms() -> u64 {
 }
 fn default_queue_len() -> u32 {
     8192
+}
+/// 16 MiB: the kernel charges each queued packet's whole buffer (about 2.3 KiB for a
+/// 1500-byte packet), so this holds some 7,000 packets, near the default queue length.
+fn default_queue_buffer_bytes() -> u64 {
+    16 << 20
 }
 fn default_true() -> bool {
     true
@@ -1037,6 +1047,12 @@ impl Dataplane {
         }
         for (i, b) in self.bypass.iter().enumerate() {
             parse_cidr(&b.net).map_err(|e| invalid(format!("dataplane.bypass[{i}].net"), e))?;
+        }
+        if self.queue_buffer_bytes < 65_536 || self.queue_buffer_bytes > i32::MAX as u64 {
+            return Err(invalid(
+                "dataplane.queue_buffer_bytes",
+                format!("must be between 65536 and 2147483647, got {}", self.queue_buffer_bytes),
+            ));
         }
         for (key, v) in [
             ("linger_ms", self.linger_ms),

@@ -92,6 +92,16 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
     let tunnel = RawTunnel::open(mesh.address()).context("cannot open the raw IP-in-IP sockets (root needed)")?;
     let mut queue = NfQueue::open(d.queue).with_context(|| format!("cannot bind NFQUEUE {}", d.queue))?;
     queue.set_max_len(d.queue_len).with_context(|| format!("cannot set the length of NFQUEUE {}", d.queue))?;
+    let granted = queue
+        .set_socket_buffer(d.queue_buffer_bytes as usize)
+        .with_context(|| format!("cannot size the socket buffer of NFQUEUE {}", d.queue))?;
+    if (granted as u64) < d.queue_buffer_bytes {
+        tracing::warn!(
+            asked = d.queue_buffer_bytes,
+            granted,
+            "the kernel granted a smaller NFQUEUE socket buffer than dataplane.queue_buffer_bytes (no CAP_NET_ADMIN?)"
+        );
+    }
     let bypass = d
         .bypass
         .iter()

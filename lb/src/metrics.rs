@@ -182,7 +182,7 @@ const VIEW_DIGEST: Def = Def {
 };
 const DP_PACKETS: Def = Def {
     name: "lb_dataplane_packets_total",
-    help: "Data-plane packet outcomes: encapsulated, decapsulated, tunnel_not_member, malformed, mss_clamped, encap_failed, io_errors, and the hold queue's held, released, expired, overflowed.",
+    help: "Data-plane packet outcomes: encapsulated, decapsulated, tunnel_not_member, malformed, mss_clamped, encap_failed, io_errors, queue_overflowed (passed unseen: the NFQUEUE socket buffer was full), and the hold queue's held, released, expired, overflowed.",
     labels: &["outcome"],
 };
 const DP_DECISIONS: Def =
@@ -530,6 +530,7 @@ fn dataplane_families(s: &handoff::driver::DriverStats) -> Vec<MetricFamily> {
             ("mss_clamped", e.mss_clamped),
             ("encap_failed", e.encap_failed),
             ("io_errors", s.io_errors),
+            ("queue_overflowed", s.queue_overflowed),
             ("held", e.hold.held),
             ("released", e.hold.released),
             ("expired", e.hold.expired),

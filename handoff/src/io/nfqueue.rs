@@ -5,8 +5,9 @@
 //! keep traffic flowing when the daemon cannot keep up or is gone:
 //!
 //! - fail-open (`NFQA_CFG_F_FAIL_OPEN`, set by [`NfQueue::open`]): when the kernel-side queue
-//!   is full (see [`NfQueue::set_max_len`], 1024 packets by default) new packets are accepted
-//!   unseen instead of dropped;
+//!   is full (see [`NfQueue::set_max_len`], 1024 packets by default), or the socket's receive
+//!   buffer is (see [`NfQueue::set_socket_buffer`]), new packets are accepted unseen instead of
+//!   dropped; the second case is counted ([`NfQueue::overflowed`]), the first is not;
 //! - `--queue-bypass` on the iptables rule: while no socket is bound to the queue number,
 //!   packets pass as if the rule were not there.
 //!
@@ -187,6 +188,61 @@ impl NfQueue {
         self.queue
             .set_queue_max_len(self.queue_num, packets)
             .map_err(|e| context(e, &format!("set max length of NFQUEUE {}", self.queue_num)))
+    }
+
+    /// Sizes the socket's receive buffer, where the kernel puts queued packets until the
+    /// daemon reads them; returns the size the kernel granted (it counts bookkeeping too, so
+    /// about twice the request). Past the netlink default (about 208 KiB) this takes
+    /// `SO_RCVBUFFORCE`, which CAP_NET_ADMIN allows beyond `net.core.rmem_max`.
+    ///
+    /// The buffer, not the queue length, is what a burst fills first: each queued packet
+    /// occupies its whole size (a segmented GRO train arrives as many), and when the buffer is
+    /// full fail-open lets packets pass unseen, see [`NfQueue::overflowed`].
+    pub fn set_socket_buffer(&mut self, bytes: usize) -> io::Result<usize> {
+        let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        let set = |opt| {
+            // SAFETY: fd is the open netlink socket owned by `self.queue`; the value outlives the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&want as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        set(libc::SO_RCVBUFFORCE)
+            .or_else(|_| set(libc::SO_RCVBUF))
+            .map_err(|e| context(e, &format!("size the socket buffer of NFQUEUE {}", self.queue_num)))?;
+        // SAFETY: getsockopt only reads the socket's state.
+        Ok(unsafe { sockopt_int(self.fd, libc::SO_RCVBUF) }.map_or(0, |v| v.max(0) as usize))
+    }
+
+    /// Packets the kernel could not deliver to this socket because its receive buffer was full,
+    /// since it was opened. With fail-open they were accepted unseen: a packet of a flow owned
+    /// by another member then goes where the routing table sends it instead of to its owner.
+    ///
+    /// The kernel counts them on the socket (`sk_drops`, read with `SO_MEMINFO`); the netlink
+    /// error that would otherwise announce them is off (`NETLINK_NO_ENOBUFS`, set by nfq).
+    pub fn overflowed(&self) -> u64 {
+        /// Index of the drop counter in the `SO_MEMINFO` array (`SK_MEMINFO_DROPS`, linux/sock_diag.h).
+        const SK_MEMINFO_DROPS: usize = 8;
+        let mut info = [0u32; 9];
+        let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `info`.
+        let rc = unsafe {
+            libc::getsockopt(self.fd, libc::SOL_SOCKET, libc::SO_MEMINFO, info.as_mut_ptr().cast(), &mut len)
+        };
+        if rc != 0 || (len as usize) < (SK_MEMINFO_DROPS + 1) * 4 {
+            return 0;
+        }
+        u64::from(info[SK_MEMINFO_DROPS])
     }
 
     /// Waits up to `timeout` for the next queued packet; `None` when the time ran out.
