@@ -364,6 +364,52 @@ fn round(t: &Topology, logs: &dyn Fn() -> String, mut between: impl FnMut(usize)
     (n as u64 * OBJECT as u64, t.wire_bytes())
 }
 
+/// One round with `at_once` downloads in flight at a time (each site's browser opens several
+/// connections per host); the same downloads as [`round`], checked byte for byte.
+fn round_at_once(t: &Topology, logs: &dyn Fn() -> String, at_once: usize) -> (u64, u64) {
+    t.wire_bytes();
+    let mut work = Vec::new();
+    for id in 0..OBJECTS {
+        for client in t.f.clients {
+            for server in t.f.servers {
+                work.push((client, server, id));
+            }
+        }
+    }
+    let n = work.len() as u64;
+    let work = Mutex::new(work);
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..at_once {
+            s.spawn(|| loop {
+                let Some((client, server, id)) = work.lock().unwrap().pop() else { break };
+                if let Err(e) = download(t, client, server, id) {
+                    failures.lock().unwrap().push(e);
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    if !failures.is_empty() {
+        let m = nonzero_metrics(t, &["lb_dataplane", "lb_owner", "lb_conflicts"]);
+        panic!("{} of {n} downloads failed: {failures:?}\n{m}\n{}", failures.len(), logs());
+    }
+    (n * OBJECT as u64, t.wire_bytes())
+}
+
+/// The members' metrics of these families that are not zero, one line each, named by member.
+fn nonzero_metrics(t: &Topology, families: &[&str]) -> String {
+    let mut m = String::new();
+    for (name, ns) in [("L1", &t.l[0]), ("L2", &t.l[1]), ("U1", &t.u[0]), ("U2", &t.u[1]), ("U3", &t.u[2])] {
+        for line in get(ns, "/metrics").lines() {
+            if families.iter().any(|f| line.starts_with(f)) && !line.ends_with(" 0") {
+                m.push_str(&format!("{name} {line}\n"));
+            }
+        }
+    }
+    m
+}
+
 struct Farm {
     d: Member,
     l: Vec<Member>,
@@ -488,4 +534,49 @@ fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving_i
 #[test]
 fn fig2_affinity_keeps_repeat_downloads_small_and_survives_an_upstream_leaving_ipv6() {
     run_fig2(&V6);
+}
+
+/// Fig. 2 with browsers: each client site keeps several downloads in flight at once, so a
+/// pair's connections overlap on its upstream (they share the pair's dictionaries) and on the
+/// balancers. Affinity still keeps the repeats small; the 5-tuple hash cannot.
+fn run_fig2_concurrent(f: &'static Fam, at_once: usize) {
+    let t = topology(f);
+    let _server = Server::start(&t);
+    let repeat = |policy: &str, tag: &str| {
+        let farm = Farm::start(&t, policy, tag);
+        let logs = farm.logs();
+        let (objects, first) = round_at_once(&t, &logs, at_once);
+        let (o2, w2) = round_at_once(&t, &logs, at_once);
+        let (o3, w3) = round_at_once(&t, &logs, at_once);
+        let r = percent(w2 + w3, o2 + o3);
+        eprintln!(
+            "{policy}, {at_once} at once: first round {:.1}%, repeats {r:.1}% ({:.1}% then {:.1}%)",
+            percent(first, objects),
+            percent(w2, o2),
+            percent(w3, o3)
+        );
+        let m = nonzero_metrics(
+            &t,
+            &["lb_owner", "lb_chain_connections", "lb_chain_events", "lb_proxy_conn", "lb_advert", "lb_affinity"],
+        );
+        let explain: String = t.l.iter().map(|ns| get(ns, "/flows?explain=true&limit=0")).collect();
+        (r, format!("{m}\n{explain}\n{}", logs()))
+    };
+    let (hash, _) = repeat("rendezvous", "hash");
+    let (affinity, logs) = repeat("affinity", "aff");
+    assert!(affinity <= 5.0, "affinity, {at_once} at once: repeats cost {affinity:.1}% of the object bytes\n{logs}");
+    assert!(
+        hash > 4.0 * affinity && hash > 15.0,
+        "the 5-tuple hash should cost much more: {hash:.1}% vs {affinity:.1}%"
+    );
+}
+
+#[test]
+fn fig2_concurrent_clients_affinity_keeps_repeats_small_ipv4() {
+    run_fig2_concurrent(&V4, 8);
+}
+
+#[test]
+fn fig2_concurrent_clients_affinity_keeps_repeats_small_ipv6() {
+    run_fig2_concurrent(&V6, 8);
 }

@@ -6,6 +6,8 @@
 //! - [`chunk`]: content-defined chunking (FastCDC 2020, 2/8/32 KiB) and xxh3-128 chunk ids;
 //! - [`store`]: the per-pair dictionary, byte-budgeted and LRU-evicted in lockstep on both
 //!   proxies, with an epoch, an operation digest and optional persistence;
+//! - [`hints`]: where a soft flush finds the stored chunk its carried bytes begin, kept with
+//!   the store so that every connection of the pair uses it;
 //! - [`codec`]: the versioned token stream (LITERAL, DEFINE, REFERENCE, REPAIR, RESET,
 //!   CHECKPOINT, NACK, ABORT), a streaming [`Encoder`] and [`Decoder`], and NACK-driven
 //!   recovery. The wire format is in `docs/codec.md`.
@@ -21,6 +23,7 @@
 pub mod affinity;
 pub mod chunk;
 pub mod codec;
+pub mod hints;
 pub mod sample;
 pub mod shared;
 pub mod store;

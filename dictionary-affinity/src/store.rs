@@ -22,6 +22,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3};
 
 use crate::chunk::{ChunkId, MAX_CHUNK};
+use crate::hints::Hints;
 
 /// Budget bytes charged per chunk on top of its length (map slot, order slot, allocation).
 pub const ENTRY_OVERHEAD: u64 = 64;
@@ -71,7 +72,7 @@ struct Entry {
 
 /// Chunk ids are already uniform hashes: use their low bits as the map hash.
 #[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -120,6 +121,9 @@ pub struct Store {
     /// Ids evicted lately (off unless [`Store::log_evictions`]): not part of the dictionary's
     /// content, never saved or compared.
     evicted: Option<Box<EvictionLog>>,
+    /// Send-ahead candidates for encoders ([`Store::hints_mut`]; off until an encoder asks):
+    /// not part of the dictionary's content, never saved or compared.
+    hints: Option<Box<Hints>>,
 }
 
 /// The last `cap` ids a store evicted, for a shared decoder to tell "evicted here" (NACK now)
@@ -165,6 +169,7 @@ impl Store {
             order: VecDeque::new(),
             stats: StoreStats::default(),
             evicted: None,
+            hints: None,
         }
     }
 
@@ -273,7 +278,8 @@ impl Store {
     pub fn reset(&mut self, epoch: u32) {
         let stats = StoreStats { resets: self.stats.resets + 1, ..self.stats };
         let evicted = self.evicted.take().map(|l| Box::new(EvictionLog { cap: l.cap, ..EvictionLog::default() }));
-        *self = Self { stats, evicted, ..Self::with_epoch(self.budget, epoch) };
+        let hints = self.hints.take().map(|_| Box::default());
+        *self = Self { stats, evicted, hints, ..Self::with_epoch(self.budget, epoch) };
     }
 
     /// Ids from least to most recently used: the eviction order.
@@ -292,6 +298,9 @@ impl Store {
                 if let Some(log) = self.evicted.as_mut() {
                     log.push(id);
                 }
+                if let Some(h) = self.hints.as_mut() {
+                    h.forget(id, &e.chunk.bytes);
+                }
                 return;
             }
         }
@@ -303,6 +312,31 @@ impl Store {
             let entries = &self.entries;
             self.order.retain(|(t, id)| entries.get(id).is_some_and(|e| e.last_use == *t));
         }
+    }
+
+    /// The send-ahead index of the encoders working on this store ([`Hints`]), turned on at
+    /// the first call: then built from the chunks held (their prefixes; which chunk follows
+    /// which is learnt as they are sent again).
+    pub fn hints_mut(&mut self) -> &mut Hints {
+        let limit = 4 * self.entries.len() + 2048;
+        let entries = &self.entries;
+        let hints = self.hints.get_or_insert_with(|| {
+            let mut h = Hints::default();
+            for (&id, e) in entries {
+                h.record(None, id, &e.chunk.bytes);
+            }
+            Box::new(h)
+        });
+        // Evictions drop their own entries; successors naming an evicted chunk linger.
+        if hints.len() > limit {
+            hints.prune(|id| entries.contains_key(&id));
+        }
+        hints
+    }
+
+    /// The send-ahead index, if an encoder turned it on.
+    pub fn hints(&self) -> Option<&Hints> {
+        self.hints.as_deref()
     }
 
     fn fold(&mut self, op: u8, id: ChunkId) {

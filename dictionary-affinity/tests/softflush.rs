@@ -167,3 +167,56 @@ fn carried_references_to_lost_chunks_are_repaired() {
     assert!(s.carried_bytes > s.carried_raw_bytes, "some CARRY_REF: {s:?}");
     assert!(enc.store() == dec.store());
 }
+
+/// The second pass on a *new* connection: the encoder and decoder of the pair's next
+/// connection, on the stores the first one left (its own, handed on; the pair's shared ones,
+/// used by both at once; or the encoder's store saved and loaded again, as after a restart).
+/// The send-ahead index lives with the store, so a soft flush on the new connection still
+/// names the stored chunk its carry begins (CARRY_REF) instead of sending the carry raw.
+#[test]
+fn a_new_connection_on_the_pair_store_sends_its_carries_as_references() {
+    use dictionary_affinity::{Decoder, DecoderConfig, Encoder, SharedStore, Store};
+    let data = Rng(17).bytes(400_000);
+    let cuts: Vec<usize> = (1..200).map(|i| i * 1_999).collect();
+    let pieces = split_at(&data, &cuts);
+    let soft: Vec<usize> = (0..pieces.len()).collect();
+    let cfg = EncoderConfig::default();
+    let second_pass = |enc: &mut Encoder, dec: &mut Decoder| {
+        let r = run_link_soft(enc, dec, &pieces, &[], &soft, 1 << 16).unwrap();
+        assert!(r.output == data);
+        let s = enc.stats();
+        (s, r.wire_bytes)
+    };
+
+    // Own stores, handed from the first connection to the next.
+    let (mut enc, mut dec) = pair(1 << 26, cfg);
+    run_link_soft(&mut enc, &mut dec, &pieces, &[], &soft, 1 << 16).unwrap();
+    let (es, ds) = (enc.into_store(), dec.into_store());
+    let dir = tempfile::tempdir().unwrap();
+    es.save(dir.path().join("enc")).unwrap();
+    ds.save(dir.path().join("dec")).unwrap();
+    let (mut enc, mut dec) = (Encoder::new(es, cfg).unwrap(), Decoder::new(ds, DecoderConfig::default()));
+    let (s, wire) = second_pass(&mut enc, &mut dec);
+    assert_eq!(s.defines, 0);
+    assert!(s.soft_flushes > 150, "{s:?}");
+    assert!(s.carried_raw_bytes < 32 * s.soft_flushes, "own stores, next connection: {s:?}");
+    assert!(wire < 80 * pieces.len() + 20_000, "own stores: {wire} B on the wire");
+
+    // Loaded from disk (a restart): prefixes rebuilt from the chunks held.
+    let es = Store::load(dir.path().join("enc")).unwrap();
+    let ds = Store::load(dir.path().join("dec")).unwrap();
+    let (mut enc, mut dec) = (Encoder::new(es, cfg).unwrap(), Decoder::new(ds, DecoderConfig::default()));
+    let (s, _) = second_pass(&mut enc, &mut dec);
+    assert!(s.carried_raw_bytes < 32 * s.soft_flushes, "loaded stores: {s:?}");
+
+    // Shared stores: the first connection's encoder is still open when the second one runs.
+    let (es, ds) = (SharedStore::new(Store::new(1 << 26)), SharedStore::new(Store::new(1 << 26)));
+    let mut enc1 = Encoder::shared(es.clone(), cfg).unwrap();
+    let mut dec1 = Decoder::shared(ds.clone(), DecoderConfig::default());
+    run_link_soft(&mut enc1, &mut dec1, &pieces, &[], &soft, 1 << 16).unwrap();
+    let mut enc2 = Encoder::shared(es, cfg).unwrap();
+    let mut dec2 = Decoder::shared(ds, DecoderConfig::default());
+    let (s, _) = second_pass(&mut enc2, &mut dec2);
+    assert_eq!(s.defines, 0);
+    assert!(s.carried_raw_bytes < 32 * s.soft_flushes, "shared stores, second connection: {s:?}");
+}

@@ -1,7 +1,7 @@
 //! The encoder: chunks the byte stream, replaces chunks both dictionaries hold with REFERENCE
 //! tokens and adds new ones with DEFINE, and answers the decoder's NACKs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,6 @@ pub const ABORT_REPAIR_UNAVAILABLE: u8 = 1;
 
 /// Bytes at the start of a chunk that key the encoder's prefix index (which stored chunk a
 /// soft-flushed carry may be the beginning of).
-const PREFIX_KEY: usize = 32;
 /// A CARRY_REF costs about 30 bytes: shorter runs go as CARRY bytes.
 const MIN_CARRY_REF: usize = 32;
 
@@ -125,10 +124,6 @@ pub struct Encoder {
     release: usize,
     /// The stored chunk the carry was last named after (CARRY_REF), if any.
     carry_src: Option<ChunkId>,
-    /// Hash of a stored chunk's first PREFIX_KEY bytes -> its id (may be stale: checked).
-    prefixes: HashMap<u64, ChunkId>,
-    /// The chunk that followed each stored chunk last time (may be stale: checked).
-    successors: HashMap<ChunkId, ChunkId>,
     /// The last chunk sent as DEFINE or REFERENCE, if the next one follows it directly.
     last_chunk: Option<ChunkId>,
     /// Bytes waiting to go out as one LITERAL.
@@ -180,8 +175,6 @@ impl Encoder {
             sent: 0,
             release: 0,
             carry_src: None,
-            prefixes: HashMap::new(),
-            successors: HashMap::new(),
             last_chunk: None,
             literal: Vec::new(),
             recent: VecDeque::new(),
@@ -310,9 +303,11 @@ impl Encoder {
             // Candidates: the chunk that followed the previous one last time, and the last
             // chunk stored that began with the same bytes; the longer match wins.
             let mut best = (0, None);
-            let by_prefix = (end >= PREFIX_KEY).then(|| self.prefixes.get(&prefix_key(&self.carry)).copied()).flatten();
-            let next = self.last_chunk.and_then(|prev| self.successors.get(&prev).copied());
-            let store = self.dict.lock();
+            // Both kept with the store, for every connection on it (crate::hints).
+            let mut store = self.dict.lock();
+            let hints = store.hints_mut();
+            let by_prefix = hints.by_prefix(&self.carry);
+            let next = self.last_chunk.and_then(|prev| hints.successor(prev));
             for id in [next, by_prefix].into_iter().flatten() {
                 if let Some(c) = store.get(id) {
                     let k = common_prefix(&c.bytes()[self.sent.min(c.bytes().len())..], &self.carry[self.sent..]);
@@ -415,8 +410,6 @@ impl Encoder {
         let epoch = store.epoch().wrapping_add(1);
         store.reset(epoch);
         drop(store);
-        self.prefixes.clear();
-        self.successors.clear();
         self.last_chunk = None;
         write_frame(out, &mut self.chain, TokenType::Reset as u8, &[&epoch.to_be_bytes()]);
         self.dirty = false;
@@ -551,18 +544,7 @@ impl Encoder {
     /// followed `prev`.
     fn index_chunk(&mut self, prev: Option<ChunkId>, id: ChunkId, bytes: &[u8]) {
         self.last_chunk = Some(id);
-        if let Some(prev) = prev {
-            self.successors.insert(prev, id);
-        }
-        if bytes.len() >= PREFIX_KEY {
-            self.prefixes.insert(prefix_key(bytes), id);
-        }
-        let store = self.dict.lock();
-        let limit = 2 * store.len() + 1024;
-        if self.prefixes.len() > limit || self.successors.len() > limit {
-            self.prefixes.retain(|_, id| store.contains(*id));
-            self.successors.retain(|prev, id| store.contains(*prev) && store.contains(*id));
-        }
+        self.dict.lock().hints_mut().record(prev, id, bytes);
     }
 
     fn flush_literal(&mut self, out: &mut Vec<u8>) {
@@ -602,10 +584,6 @@ impl Encoder {
         }
         write_frame(out, &mut self.chain, ty as u8, &[prefix, bytes]);
     }
-}
-
-fn prefix_key(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(&bytes[..PREFIX_KEY])
 }
 
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {
