@@ -17,6 +17,10 @@ pub const DEFAULT_PORT: u16 = 7400;
 /// Default admin HTTP listener.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9741";
 
+/// Where `lb run`, `lb check-config` and `lb rules` read the configuration without `--config`
+/// (the packaged unit and example use it).
+pub const DEFAULT_PATH: &str = "/etc/lb/lb.toml";
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

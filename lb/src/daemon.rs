@@ -1,5 +1,6 @@
 //! `lb run`: the member daemon.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,8 +10,9 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-/// Runs a member until SIGTERM or SIGINT, then leaves the cluster with PEER_LEAVE.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs a member until SIGTERM or SIGINT, then leaves the cluster with PEER_LEAVE. `path` is
+/// the file `config` came from: SIGHUP checks it again (see [`check_on_hangup`]).
+pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_descriptor_limit();
     let mut mesh_config = config.mesh()?;
     mesh_config.tls = config.tls_settings()?;
@@ -111,13 +113,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => (None, None),
     };
 
+    // SIGHUP must not end the member (its default action), whatever the reload does.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!("ready");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: leaving the cluster"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: leaving the cluster"),
+    let status = format!("member {} of {}, ready", mesh.address(), mesh.members().len());
+    crate::notify::ready(&status);
+    if let Some(every) = crate::notify::watchdog_every() {
+        let dp = dataplane.as_ref().map(|d| d.stats.clone());
+        let healthy = move || match &dp {
+            Some(s) if !s.lock().unwrap_or_else(|e| e.into_inner()).running => Err("the data plane stopped"),
+            _ => Ok(()),
+        };
+        tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
+        tokio::spawn(crate::notify::watchdog(every, healthy, stop_rx.clone()));
     }
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: leaving the cluster");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: leaving the cluster");
+                break;
+            }
+            _ = hangup.recv() => {
+                check_on_hangup(path.as_deref(), &config);
+                crate::notify::status(&status);
+            }
+        }
+    }
+    crate::notify::stopping("leaving the cluster");
     if let Some(dp) = dataplane {
         // The queue closes, then the rules go; --queue-bypass lets packets through between.
         tokio::task::spawn_blocking(move || dp.stop()).await?;
@@ -135,6 +163,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("left the cluster");
     Ok(())
+}
+
+/// SIGHUP (`systemctl reload`, logrotate): reads the configuration file again and says whether
+/// it is valid and whether it differs from the running one. Nothing is applied: a changed
+/// file takes effect at the next restart, and the log says so (live reload is issue 11's).
+fn check_on_hangup(path: Option<&std::path::Path>, running: &Config) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: no configuration file to check; nothing changed");
+        return;
+    };
+    match Config::load(path) {
+        Err(e) => tracing::error!(
+            path = %path.display(),
+            error = %format!("{e:#}"),
+            "SIGHUP: the configuration file is invalid; the running configuration stays"
+        ),
+        Ok(new) if format!("{new:?}") == format!("{running:?}") => {
+            tracing::info!(path = %path.display(), "SIGHUP: configuration unchanged")
+        }
+        Ok(_) => tracing::warn!(
+            path = %path.display(),
+            "SIGHUP: the configuration file changed and is valid, but this build does not apply changes live; \
+             restart the member to apply them (the running configuration stays)"
+        ),
+    }
 }
 
 /// The proxy's rules, removed when dropped.

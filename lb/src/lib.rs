@@ -13,6 +13,7 @@ pub mod demo_fig2;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_listener;
+pub mod notify;
 pub mod proxy;
 pub mod relay;
 pub mod rules;

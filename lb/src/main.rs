@@ -23,17 +23,33 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum Generate {
+    /// Man pages in roff, into a directory (lb.1, lb-run.1, ...).
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A completion script on standard output, e.g. `lb generate completions bash >
+    /// /usr/share/bash-completion/completions/lb`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run a cluster member.
     Run {
         /// The configuration file (TOML; see docs/configuration.md).
-        #[arg(long, short)]
+        #[arg(long, short, default_value = lb::config::DEFAULT_PATH)]
         config: PathBuf,
     },
     /// Check a configuration file and print the members it defines.
     CheckConfig {
         /// The configuration file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = lb::config::DEFAULT_PATH)]
         config: PathBuf,
     },
     /// Generate a cluster CA and a certificate per member for the mutual-TLS control channel.
@@ -51,7 +67,7 @@ enum Command {
     /// Print the netfilter rules `lb run` installs for the [dataplane] section.
     Rules {
         /// The configuration file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = lb::config::DEFAULT_PATH)]
         config: PathBuf,
     },
     /// A 3-member cluster on loopback in one process: no root, no configuration.
@@ -62,6 +78,11 @@ enum Command {
         /// Keep the surviving members and their admin APIs up until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+    },
+    /// Write the man pages (lb.1 and one per command) or a shell's completion script.
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
     },
     /// Show the whole cluster's connections as one member knows them.
     Flows {
@@ -162,7 +183,7 @@ fn real_main() -> anyhow::Result<()> {
         Command::Run { config } => {
             let c = lb::config::Config::load(&config)?;
             init_logs(&log_flags, Some(&c.log))?;
-            runtime()?.block_on(lb::daemon::run(c))
+            runtime()?.block_on(lb::daemon::run(c, Some(config)))
         }
         Command::CheckConfig { config } => {
             let c = lb::config::Config::load(&config)?;
@@ -258,6 +279,16 @@ fn real_main() -> anyhow::Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Generate { what: Generate::Man { out } } => {
+            std::fs::create_dir_all(&out)?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &out)?;
+            Ok(())
+        }
+        Command::Generate { what: Generate::Completions { shell } } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "lb", &mut std::io::stdout());
             Ok(())
         }
         Command::Demo { connections, keep_running } => {
