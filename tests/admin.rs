@@ -116,7 +116,7 @@ fn four_full_reads_of_a_big_table_stream_without_silencing_the_member() {
         mesh.install(conn(i), Action::Forward);
     }
     wait_until("the member holds the table", Duration::from_secs(120), || {
-        d.peers().peers.iter().any(|p| p["entries"].as_u64() == Some(N as u64))
+        d.peers().peers.iter().any(|p| p.entries == N)
     });
     let lost_before = mesh.peers()[0].channels_lost;
     let readers: Vec<_> = (0..4)

@@ -69,6 +69,14 @@ fn fresh_member_exports_per_peer_counters_at_zero_and_a_metrics_only_listener() 
     assert_eq!(lb::client::request(metrics_listen, "GET", "/peers", None).unwrap().0, 404);
     assert_eq!(lb::client::request(metrics_listen, "POST", "/metrics", Some("")).unwrap().0, 405);
     assert_eq!(a.flows("").total, 0, "the listener installed nothing");
+    // The admin API's refusals carry a JSON error too (they had empty bodies).
+    for (method, path, want) in [("GET", "/nothing", 404), ("PUT", "/connections", 405), ("POST", "/peers", 405)] {
+        let (status, body) = lb::client::request(a.admin, method, path, Some("")).unwrap();
+        assert_eq!(status, want, "{method} {path}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body:?}"));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{method} {path}: {body}");
+    }
 
     // --log-format json: one JSON object per line, no colour escapes in a file.
     wait_until("the listener's log line", Duration::from_secs(5), || a.log().contains("metrics listener up"));
@@ -156,8 +164,8 @@ fn kill_9_stop_and_sigterm_purge_entries_and_restart_resyncs() {
     assert!(status.success(), "lb exits 0 on SIGTERM: {status:?}\n{}", b.log());
     wait_until("purge after PEER_LEAVE", Duration::from_secs(2), || a.flows(&b_query).total == 0);
     let peers = a.peers();
-    let pb = peers.peers.iter().find(|p| p["address"] == addrs[1].to_string()).unwrap();
-    assert_eq!(pb["last_close"], "peer_left");
+    let pb = peers.peers.iter().find(|p| p.address == addrs[1]).unwrap();
+    assert_eq!(pb.last_close.as_deref(), Some("peer_left"));
     assert!(b.log().contains("SIGTERM"), "logs say why it left");
     drop(c);
     wait_until("c gone", Duration::from_secs(5), || a.peer_state(addrs[2]) != "established");

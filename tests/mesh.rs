@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster_proto::mesh::{Mesh, MeshConfig, NoObserver, PeerState, Retries};
-use cluster_proto::session::SessionConfig;
+use cluster_proto::session::{Role, SessionConfig};
 use cluster_proto::{Action, Connection, Protocol};
 use common::*;
 
@@ -64,7 +64,8 @@ async fn three_members_join_and_sync_tables() {
             let back = other.peers().into_iter().find(|q| q.address == m.address()).unwrap();
             let pair = (p.role, back.role);
             assert!(
-                pair == (Some("initiator"), Some("acceptor")) || pair == (Some("acceptor"), Some("initiator")),
+                pair == (Some(Role::Initiator), Some(Role::Acceptor))
+                    || pair == (Some(Role::Acceptor), Some(Role::Initiator)),
                 "{} and {} disagree on their channel: {pair:?}",
                 m.address(),
                 p.address

@@ -768,6 +768,59 @@ fn check_dead_after(key: &str, n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
+/// What each `[tls]` file must hold, said in the operator's terms before rustls's terser errors:
+/// a key given as `cert` (or the reverse), a CA file that carries the CA's own key, and a
+/// private key that every user of the host can read.
+fn check_pem_files(t: &TlsSection, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<(), ConfigError> {
+    use cluster_proto::mesh::tls::{is_private_key, pem_sections, SectionKind};
+    let holds = |bytes: &[u8]| {
+        let kinds = pem_sections(bytes);
+        (kinds.contains(&SectionKind::Certificate), kinds.iter().any(|&k| is_private_key(k)))
+    };
+    for (name, path, bytes) in [("ca", &t.ca, ca), ("cert", &t.cert, cert)] {
+        let why = match holds(bytes) {
+            (true, true) if name == "ca" => {
+                "holds a private key besides the CA certificate: the CA's key (ca.key) must stay off the members"
+            }
+            (true, _) => continue,
+            (false, true) => "holds a private key, not a certificate: are cert and key (or ca and ca.key) swapped?",
+            (false, false) => "holds no PEM certificate (a -----BEGIN CERTIFICATE----- block)",
+        };
+        return Err(invalid(format!("tls.{name}"), format!("{} {why}", path.display())));
+    }
+    match holds(key) {
+        (_, true) => {}
+        (true, false) => {
+            return Err(invalid(
+                "tls.key",
+                format!("{} holds a certificate, not a private key: are cert and key swapped?", t.key.display()),
+            ))
+        }
+        (false, false) => {
+            return Err(invalid(
+                "tls.key",
+                format!("{} holds no PEM private key (a -----BEGIN PRIVATE KEY----- block)", t.key.display()),
+            ))
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&t.key)
+        .map_err(|e| invalid("tls.key", format!("cannot read {}: {e}", t.key.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o006 != 0 {
+        return Err(invalid(
+            "tls.key",
+            format!(
+                "{} is open to every user of this host (mode {:04o}): chmod 600 it (or 640 with a group lb runs in)",
+                t.key.display(),
+                mode & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -779,7 +832,25 @@ impl Config {
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        c.mesh()?;
+        let mesh = c.mesh()?;
+        // The members' own control channels run on these ports: intercepting them would hand
+        // the cluster's TCP connections to the data plane or the proxy they steer.
+        let control_ports: Vec<u16> = mesh.members.iter().map(|m| m.port).collect();
+        let intercepted = [
+            ("dataplane.intercept_tcp_ports", c.dataplane.as_ref().map(|d| &d.intercept_tcp_ports)),
+            ("proxy.intercept_tcp_ports", c.proxy.as_ref().map(|p| &p.intercept_tcp_ports)),
+        ];
+        for (key, ports) in intercepted {
+            if let Some(p) = ports.into_iter().flatten().find(|p| control_ports.contains(p)) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "port {p} is the cluster's control port (cluster.port or a member's override): \
+                         intercepting it would capture the members' own control channels"
+                    ),
+                ));
+            }
+        }
         c.affinity.validate()?;
         c.admin.validate()?;
         c.log.validate()?;
@@ -871,6 +942,7 @@ impl Config {
             std::fs::read(p).map_err(|e| invalid(format!("tls.{key}"), format!("cannot read {}: {e}", p.display())))
         };
         let (ca, cert, key) = (read("ca", &t.ca)?, read("cert", &t.cert)?, read("key", &t.key)?);
+        check_pem_files(t, &ca, &cert, &key)?;
         if !cluster_proto::mesh::tls::pem_names(&cert, self.node.address) {
             return Err(invalid(
                 "tls.cert",
@@ -1159,6 +1231,73 @@ listen = "127.0.0.1:9741"
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn intercepting_a_control_port_is_refused() {
+        let with = |section: &str| format!("{GOOD}{section}");
+        let e = err(&with("[dataplane]\nintercept_tcp_ports = [80, 7400]\n"));
+        assert!(
+            e.contains("dataplane.intercept_tcp_ports") && e.contains("port 7400 is the cluster's control port"),
+            "{e}"
+        );
+        // A member's port override counts too.
+        let e = err(&with("[dataplane]\nintercept_tcp_ports = [7500]\n")
+            .replace("connect_retries = 10", "connect_retries = 10\nport = 7500"));
+        assert!(e.contains("port 7500 is the cluster's control port"), "{e}");
+        let e = err(&with("[proxy]\nlisten = \"0.0.0.0:3129\"\nintercept_tcp_ports = [7400]\n"));
+        assert!(e.contains("proxy.intercept_tcp_ports") && e.contains("control port"), "{e}");
+        // UDP on the same number is another port.
+        Config::parse(&with("[dataplane]\nintercept_tcp_ports = [80]\nintercept_udp_ports = [7400]\n")).unwrap();
+    }
+
+    /// A `[tls]` section over files written by `lb gen-certs`'s code, with one file changed.
+    fn tls_check(change: impl FnOnce(&Path)) -> Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<IpAddr> = ["192.0.2.1", "192.0.2.2"].iter().map(|a| a.parse().unwrap()).collect();
+        crate::certs::write(dir.path(), &crate::certs::generate("test", &members).unwrap()).unwrap();
+        change(dir.path());
+        let d = dir.path().display();
+        let text = format!(
+            "[node]\naddress = \"192.0.2.1\"\n[cluster]\nmembers = [\"192.0.2.1\", \"192.0.2.2\"]\n\
+             [tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/192.0.2.1.pem\"\nkey = \"{d}/192.0.2.1.key\"\n"
+        );
+        Config::parse(&text).unwrap().tls_settings().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_files_are_checked_for_what_they_hold_and_who_can_read_the_key() {
+        use std::os::unix::fs::PermissionsExt;
+        tls_check(|_| {}).unwrap();
+        let copy = |from: &'static str, to: &'static str| {
+            move |d: &Path| {
+                std::fs::copy(d.join(from), d.join(to)).unwrap();
+                std::fs::set_permissions(d.join(to), std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        };
+        let e = tls_check(copy("192.0.2.1.key", "192.0.2.1.pem")).unwrap_err();
+        assert!(e.starts_with("tls.cert: ") && e.contains("holds a private key, not a certificate"), "{e}");
+        let e = tls_check(copy("192.0.2.1.pem", "192.0.2.1.key")).unwrap_err();
+        assert!(e.starts_with("tls.key: ") && e.contains("holds a certificate, not a private key"), "{e}");
+        let e = tls_check(|d: &Path| std::fs::write(d.join("ca.pem"), "not pem\n").unwrap()).unwrap_err();
+        assert!(e.starts_with("tls.ca: ") && e.contains("holds no PEM certificate"), "{e}");
+        let e = tls_check(|d: &Path| {
+            let both = [std::fs::read(d.join("ca.pem")).unwrap(), std::fs::read(d.join("ca.key")).unwrap()].concat();
+            std::fs::write(d.join("ca.pem"), both).unwrap();
+        })
+        .unwrap_err();
+        assert!(e.starts_with("tls.ca: ") && e.contains("the CA's key (ca.key) must stay off the members"), "{e}");
+        for mode in [0o644, 0o606, 0o602] {
+            let e = tls_check(|d: &Path| {
+                std::fs::set_permissions(d.join("192.0.2.1.key"), std::fs::Permissions::from_mode(mode)).unwrap()
+            })
+            .unwrap_err();
+            assert!(e.starts_with("tls.key: ") && e.contains(&format!("(mode {mode:04o}): chmod 600")), "{e}");
+        }
+        tls_check(|d: &Path| {
+            std::fs::set_permissions(d.join("192.0.2.1.key"), std::fs::Permissions::from_mode(0o640)).unwrap()
+        })
+        .unwrap();
     }
 
     #[test]

@@ -367,19 +367,19 @@ fn real_main() -> anyhow::Result<()> {
             }
             println!("{:<40} {:<12} {:<10} {:>9} {:>9} LAST CLOSE", "PEER", "STATE", "ROLE", "ENTRIES", "SINCE");
             for p in &v.peers {
-                let s = |k: &str| {
-                    p.get(k)
-                        .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
-                        .unwrap_or_default()
+                let role = match p.role {
+                    Some(cluster_proto::session::Role::Initiator) => "initiator",
+                    Some(cluster_proto::session::Role::Acceptor) => "acceptor",
+                    None => "-",
                 };
                 println!(
                     "{:<40} {:<12} {:<10} {:>9} {:>8}s {}",
-                    s("address"),
-                    s("state"),
-                    s("role").replace("null", "-"),
-                    s("entries"),
-                    s("since_secs"),
-                    s("last_close").replace("null", "-")
+                    p.address,
+                    p.state.as_str(),
+                    role,
+                    p.entries,
+                    p.since_secs,
+                    p.last_close.as_deref().unwrap_or("-")
                 );
             }
             Ok(())

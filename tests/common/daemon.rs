@@ -108,8 +108,8 @@ impl Daemon {
 
     pub fn peer_state(&self, addr: IpAddr) -> String {
         let v = self.peers();
-        let p = v.peers.iter().find(|p| p["address"] == addr.to_string()).expect("peer listed");
-        p["state"].as_str().unwrap().to_string()
+        let p = v.peers.iter().find(|p| p.address == addr).expect("peer listed");
+        p.state.as_str().to_string()
     }
 
     pub fn metrics(&self) -> String {

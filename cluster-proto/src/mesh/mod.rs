@@ -503,10 +503,7 @@ impl Mesh {
                     port: m.port,
                     state: slot.state,
                     version: slot.current.as_ref().map(|c| c.version),
-                    role: slot.current.as_ref().map(|c| match c.role {
-                        Role::Initiator => "initiator",
-                        Role::Acceptor => "acceptor",
-                    }),
+                    role: slot.current.as_ref().map(|c| c.role),
                     since_secs: slot.since.elapsed().as_secs(),
                     entries: inner.db.count_of(id, Action::Forward) + inner.db.count_of(id, Action::Bypass),
                     keepalive_ms: m.session.keepalive.as_millis() as u64,

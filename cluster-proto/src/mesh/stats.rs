@@ -250,7 +250,7 @@ impl MeshObserver for NoObserver {
 }
 
 /// Peer state as shown by `GET /peers`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerState {
     /// No channel; the dialer is waiting to retry.
@@ -278,8 +278,8 @@ impl PeerState {
     }
 }
 
-/// One peer as shown by `GET /peers`.
-#[derive(Clone, Debug, serde::Serialize)]
+/// One peer as shown by `GET /peers` (and read back by `lb peers`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PeerInfo {
     /// Peer's cluster address.
     pub address: IpAddr,
@@ -289,8 +289,8 @@ pub struct PeerInfo {
     pub state: PeerState,
     /// Protocol version of the current channel (`None` without one).
     pub version: Option<u8>,
-    /// "initiator" or "acceptor" for the current channel.
-    pub role: Option<&'static str>,
+    /// Which end dialed the current channel.
+    pub role: Option<crate::session::Role>,
     /// Seconds in the current state.
     pub since_secs: u64,
     /// Entries this member holds for the peer.

@@ -129,6 +129,25 @@ impl TlsSettings {
     }
 }
 
+pub use rustls_pki_types::pem::SectionKind;
+
+/// The kinds of the PEM sections in `pem`, in order, up to the first malformed one (to tell
+/// an operator that a certificate file holds a key, or the reverse, before rustls's terser
+/// "no certificate found").
+pub fn pem_sections(pem: &[u8]) -> Vec<SectionKind> {
+    let mut rest = pem;
+    let mut kinds = Vec::new();
+    while let Ok(Some((kind, _))) = rustls_pki_types::pem::from_buf(&mut rest) {
+        kinds.push(kind);
+    }
+    kinds
+}
+
+/// True for the PEM sections that hold a private key (PKCS#8, PKCS#1 or SEC1).
+pub fn is_private_key(kind: SectionKind) -> bool {
+    matches!(kind, SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey)
+}
+
 /// True when the first certificate of a PEM chain names `ip` in its subject alternative
 /// names (to check a member's own certificate against its address at start-up).
 pub fn pem_names(cert_pem: &[u8], ip: IpAddr) -> bool {

@@ -68,8 +68,10 @@ impl SessionConfig {
     }
 }
 
-/// Which end of the TCP connection this session is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which end of the TCP connection this session is (`"initiator"` or `"acceptor"` in
+/// `GET /peers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Dialed the peer; sends PEER_JOIN first.
     Initiator,

@@ -35,7 +35,8 @@ pub struct AdminState {
     pub steering: Option<Arc<crate::steering::Steering>>,
 }
 
-/// The API's routes.
+/// The API's routes. An unknown path is 404 and a known path with another method 405, both
+/// with a JSON error body like every other refusal.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -43,6 +44,18 @@ pub fn router(state: AdminState) -> Router {
         .route("/peers", get(peers))
         .route("/flows", get(flows))
         .route("/connections", axum::routing::post(install).delete(remove))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such path (GET /metrics, /ready, /peers, /flows; POST or DELETE /connections)",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this path (POST and DELETE on /connections, GET elsewhere)",
+            )
+        })
         .with_state(state)
 }
 
@@ -80,12 +93,11 @@ pub struct PeersView {
     /// This member's address.
     pub node: IpAddr,
     /// Every other member.
-    pub peers: Vec<serde_json::Value>,
+    pub peers: Vec<cluster_proto::mesh::PeerInfo>,
 }
 
 async fn peers(State(s): State<AdminState>) -> Response {
-    let peers = s.mesh.peers().into_iter().map(|p| serde_json::to_value(p).unwrap_or_default()).collect();
-    Json(PeersView { node: s.mesh.address(), peers }).into_response()
+    Json(PeersView { node: s.mesh.address(), peers: s.mesh.peers() }).into_response()
 }
 
 /// Filters of `GET /flows`.
