@@ -10,7 +10,7 @@ use dictionary_affinity::affinity::{
     decode_advertisement, encode_advertisement, quantize, AffinityConfig, AffinityEngine, DictStats, LoadReport, Pair,
     Reason, SavingsLedger,
 };
-use handoff::policy::{rendezvous, OwnerPolicy};
+use owner_policy::{rendezvous, OwnerPolicy};
 use proptest::prelude::*;
 
 fn live(n: u8) -> Vec<MemberId> {

@@ -16,7 +16,8 @@ pub mod io;
 pub mod mss;
 pub mod netns;
 pub mod packet;
-pub mod policy;
+/// The owner-policy trait and the local and rendezvous policies (the `owner-policy` crate).
+pub use owner_policy as policy;
 pub mod track;
 
 #[cfg(test)]

@@ -1,5 +1,9 @@
-//! Who owns a new flow: the owner-policy trait and its basic implementations. The affinity
-//! engine (dictionary-affinity) plugs in here too.
+//! Who owns a new flow: the owner-policy trait and its basic implementations.
+//!
+//! Its own crate so that both sides of the trait can use it without linking each other: the
+//! data plane (`handoff`, which re-exports it as `handoff::policy`) asks a policy for the
+//! owner of every new flow, and the affinity engine (`dictionary-affinity`) is one, without
+//! pulling in the packet path.
 
 use cluster_proto::{Connection, MemberId};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
