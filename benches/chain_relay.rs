@@ -100,6 +100,7 @@ fn config(role: Role, id: &str) -> ChainConfig {
         shared: true,
         max_pairs: 64,
         savings: None,
+        codec_version: dictionary_affinity::codec::VERSION,
     }
 }
 

@@ -366,7 +366,9 @@ fn capture() -> (Vec<u8>, Frames) {
     // A chained connection: downstream 198.51.100.1 to the server, intercepted by an upstream.
     let mut c = Conn::open(&mut p, "198.51.100.1:45000", "203.0.113.80:8000");
     f.hello_down = c.c(&mut p, &hello(1, 0, 64 << 20, "198.51.100.1"));
-    f.hello_up = c.s(&mut p, &hello(1, 1, 64 << 20, "upstream-1"));
+    // The upstream says it decodes codec version 2 (flags bits 4-7); the downstream's HELLO
+    // is a build's from before that field (0).
+    f.hello_up = c.s(&mut p, &hello(1, 0x20 | 1, 64 << 20, "upstream-1"));
     f.mode = c.c(&mut p, &[&[MODE_PERSISTENT][..], &data_record(b"abc"), &[REC_END]].concat());
     let records = [&data_record(&[7; 300])[..], &[REC_END, REC_DONE]].concat();
     f.up_records_head = c.s(&mut p, &records[..100]);
@@ -381,9 +383,9 @@ fn capture() -> (Vec<u8>, Frames) {
     f.raw_reply = c.s(&mut p, b"HTTP/1.1 204 No Content\r\n\r\n");
 
     // Shared pair dictionaries: both HELLOs offer SHARED (the downstream's also a later
-    // build's unknown flag 0x80, ignored), MODE SHARED.
+    // build's unknown flag 0x08, ignored, and codec version 2), MODE SHARED.
     let mut c = Conn::open(&mut p, "198.51.100.1:45004", "203.0.113.80:8000");
-    f.shared_hello_down = c.c(&mut p, &hello(1, FLAG_SHARED | 0x80, 64 << 20, "198.51.100.1"));
+    f.shared_hello_down = c.c(&mut p, &hello(1, 0x20 | 0x08 | FLAG_SHARED, 64 << 20, "198.51.100.1"));
     f.shared_hello_up = c.s(&mut p, &hello(1, FLAG_SHARED, 64 << 20, "upstream-1"));
     f.shared_mode = c.c(&mut p, &[&[MODE_SHARED][..], &data_record(b"abc")].concat());
 
@@ -611,6 +613,7 @@ const CHAIN_FIELDS: &[&str] = &[
     "lbchain.flags.available",
     "lbchain.flags.shared",
     "lbchain.flags.unknown",
+    "lbchain.flags.codec",
     "lbchain.id_len",
     "lbchain.budget",
     "lbchain.id",
@@ -881,13 +884,13 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
     assert_eq!(i(f.bad_mixed), "LOAD member 2 load 1, [Malformed: unknown action 5 for message type 3]");
     assert_eq!(i(f.bad_leave), "PEER_LEAVE bad_message (3)");
     assert_eq!(i(f.hello_down), "HELLO downstream id 198.51.100.1 budget 67108864");
-    assert_eq!(i(f.hello_up), "HELLO upstream id upstream-1 budget 67108864 AVAILABLE");
+    assert_eq!(i(f.hello_up), "HELLO upstream id upstream-1 budget 67108864 AVAILABLE codec 2");
     assert_eq!(i(f.mode), "MODE PERSISTENT, DATA 3, END");
     assert_eq!(i(f.up_records), "DATA 300, END, DONE");
     assert_eq!(i(f.down_done), "DONE");
     assert_eq!(i(f.raw_mode), "MODE RAW, relayed 18 bytes");
     assert_eq!(i(f.raw_reply), "relayed 27 bytes");
-    assert_eq!(i(f.shared_hello_down), "HELLO downstream id 198.51.100.1 budget 67108864 SHARED");
+    assert_eq!(i(f.shared_hello_down), "HELLO downstream id 198.51.100.1 budget 67108864 SHARED codec 2");
     assert_eq!(i(f.shared_hello_up), "HELLO upstream id upstream-1 budget 67108864 SHARED");
     assert_eq!(i(f.shared_mode), "MODE SHARED, DATA 3");
     assert_eq!(
@@ -927,6 +930,7 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.flags.available", "0"),
             ("lbchain.flags.shared", "0"),
             ("lbchain.flags.unknown", "0x00"),
+            ("lbchain.flags.codec", "0"),
             ("lbchain.id_len", "12"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "198.51.100.1"),
@@ -938,10 +942,11 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.magic", "LBCH"),
             ("lbchain.sender", "2"),
             ("lbchain.version", "1"),
-            ("lbchain.flags", "0x01"),
+            ("lbchain.flags", "0x21"),
             ("lbchain.flags.available", "1"),
             ("lbchain.flags.shared", "0"),
             ("lbchain.flags.unknown", "0x00"),
+            ("lbchain.flags.codec", "2"),
             ("lbchain.id_len", "10"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "upstream-1"),
@@ -964,10 +969,11 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.magic", "LBCH"),
             ("lbchain.sender", "1"),
             ("lbchain.version", "1"),
-            ("lbchain.flags", "0x82"),
+            ("lbchain.flags", "0x2a"),
             ("lbchain.flags.available", "0"),
             ("lbchain.flags.shared", "1"),
-            ("lbchain.flags.unknown", "0x20"),
+            ("lbchain.flags.unknown", "0x02"),
+            ("lbchain.flags.codec", "2"),
             ("lbchain.id_len", "12"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "198.51.100.1"),
@@ -983,6 +989,7 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.flags.available", "0"),
             ("lbchain.flags.shared", "1"),
             ("lbchain.flags.unknown", "0x00"),
+            ("lbchain.flags.codec", "0"),
             ("lbchain.id_len", "10"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "upstream-1"),
@@ -1002,6 +1009,7 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
             ("lbchain.flags.available", "0"),
             ("lbchain.flags.shared", "0"),
             ("lbchain.flags.unknown", "0x00"),
+            ("lbchain.flags.codec", "0"),
             ("lbchain.id_len", "12"),
             ("lbchain.budget", "67108864"),
             ("lbchain.id", "198.51.100.1"),
@@ -1032,6 +1040,7 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
         ("lbchain.flags.available", "0"),
         ("lbchain.flags.shared", "0"),
         ("lbchain.flags.unknown", "0x00"),
+        ("lbchain.flags.codec", "0"),
         ("lbchain.id_len", "12"),
         ("lbchain.budget", "67108864"),
         ("lbchain.id", "198.51.100.1"),

@@ -555,7 +555,9 @@ local cf = {
         "the upstream checked the pair's dictionaries out for this connection"),
     shared = ProtoField.bool("lbchain.flags.shared", "SHARED", 8, nil, 0x02,
         "the sender runs the pair's dictionaries shared by all of its connections"),
-    unknown_flags = ProtoField.uint8("lbchain.flags.unknown", "Unknown flags (ignored)", base.HEX, nil, 0xfc),
+    unknown_flags = ProtoField.uint8("lbchain.flags.unknown", "Unknown flags (ignored)", base.HEX, nil, 0x0c),
+    codec = ProtoField.uint8("lbchain.flags.codec", "Codec Version Decoded", base.DEC, nil, 0xf0,
+        "highest codec framing version the sender decodes; 0 (builds before it was announced) reads as 1"),
     id_len = ProtoField.uint8("lbchain.id_len", "Identity Length", base.DEC),
     budget = ProtoField.uint64("lbchain.budget", "Dictionary Budget", base.DEC),
     id = ProtoField.string("lbchain.id", "Identity", base.UNICODE),
@@ -568,7 +570,7 @@ local cf = {
     undecoded = ProtoField.bytes("lbchain.undecoded", "Undecodable Bytes"),
 }
 lbchain.fields = {
-    cf.magic, cf.version, cf.flags, cf.available, cf.shared, cf.unknown_flags, cf.id_len, cf.budget, cf.id, cf.sender,
+    cf.magic, cf.version, cf.flags, cf.available, cf.shared, cf.unknown_flags, cf.codec, cf.id_len, cf.budget, cf.id, cf.sender,
     cf.mode, cf.record_type, cf.record_len, cf.record_data, cf.raw, cf.undecoded,
 }
 
@@ -616,6 +618,7 @@ local function dissect_hello(tvb, pinfo, tree, offset, sender)
     fi:add(cf.available, r(5, 1))
     fi:add(cf.shared, r(5, 1))
     fi:add(cf.unknown_flags, r(5, 1))
+    fi:add(cf.codec, r(5, 1))
     t:add(cf.id_len, r(6, 1))
     local budget = r(7, 8):uint64()
     t:add(cf.budget, r(7, 8))
@@ -635,6 +638,10 @@ local function dissect_hello(tvb, pinfo, tree, offset, sender)
     end
     -- Unknown flags are a later build's offers: lb ignores them, and so does this summary.
     local flag_text = ((flags % 2 == 1) and " AVAILABLE" or "") .. ((math.floor(flags / 2) % 2 == 1) and " SHARED" or "")
+    local codec = math.floor(flags / 16)
+    if codec > 0 then
+        flag_text = flag_text .. string.format(" codec %d", codec)
+    end
     local summary = string.format("HELLO %s id %s budget %s%s", senders[sender], id, tostring(budget), flag_text)
     if problem then
         summary = summary .. " [refused: " .. problem .. "]"

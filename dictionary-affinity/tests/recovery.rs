@@ -93,7 +93,7 @@ fn waiting_for_a_repair_is_bounded() {
     let mut wire = Vec::new();
     enc.encode(&data, &mut wire);
     enc.flush(&mut wire);
-    let mut dec = Decoder::new(Store::new(BUDGET), DecoderConfig { max_pending: 4096 });
+    let mut dec = Decoder::new(Store::new(BUDGET), DecoderConfig { max_pending: 4096, ..DecoderConfig::default() });
     let mut out = Vec::new();
     // Nobody answers the NACKs: the decoder holds at most max_pending bytes, then fails.
     let r = wire.chunks(1000).try_for_each(|piece| dec.decode(piece, &mut out));

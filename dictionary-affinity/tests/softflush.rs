@@ -220,3 +220,39 @@ fn a_new_connection_on_the_pair_store_sends_its_carries_as_references() {
     assert_eq!(s.defines, 0);
     assert!(s.carried_raw_bytes < 32 * s.soft_flushes, "shared stores, second connection: {s:?}");
 }
+
+/// What a decoder that speaks only framing version 1 (an older build) gets from an encoder
+/// told so by the chain HELLO: a version-1 header, no carried token however many soft
+/// flushes, and the exact bytes; and what it does with a version-2 stream (refuses it before
+/// a byte is output).
+#[test]
+fn a_version_1_peer_gets_a_version_1_stream() {
+    use dictionary_affinity::codec::DecodeError;
+    use dictionary_affinity::{Decoder, DecoderConfig, Encoder, Store};
+    let data = html_records(200_000, 7);
+    let pieces = split_at(&data, &(1..40).map(|i| i * 4_999).collect::<Vec<_>>());
+    let soft: Vec<usize> = (0..pieces.len()).collect();
+    let v1_decoder = || Decoder::new(Store::new(1 << 24), DecoderConfig { max_version: 1, ..DecoderConfig::default() });
+
+    let cfg = EncoderConfig { chunker: SMALL_CHUNKS, version: 1, ..EncoderConfig::default() };
+    let mut header = Vec::new();
+    Encoder::new(Store::new(1 << 24), cfg).unwrap().flush_soft(&mut header);
+    assert_eq!(&header[..5], b"LBRE\x01", "version-1 header");
+    let mut enc = Encoder::new(Store::new(1 << 24), cfg).unwrap();
+    let mut dec = v1_decoder();
+    let first = run_link_soft(&mut enc, &mut dec, &pieces, &[], &soft, 1).expect("a version-1 stream decodes");
+    assert!(first.output == data);
+    let again = run_link_soft(&mut enc, &mut dec, &pieces, &[], &soft, 1 << 16).expect("and its repeat");
+    assert!(again.output == data);
+    let s = enc.stats();
+    assert_eq!((s.carried_bytes, s.soft_flushes), (0, 0), "nothing sent ahead in version 1");
+    assert!(s.referenced_bytes as usize > data.len() / 2, "the repeat still goes as references: {s:?}");
+    assert!(enc.store() == dec.store());
+
+    // The default encoder writes version 2, which the version-1 decoder refuses up front.
+    let mut enc = Encoder::new(Store::new(1 << 24), EncoderConfig::default()).unwrap();
+    let mut dec = v1_decoder();
+    let (r, e) = run_link_soft(&mut enc, &mut dec, &pieces, &[], &soft, 1).unwrap_err();
+    assert_eq!(e, common::LinkError::Decode(DecodeError::UnsupportedVersion(2)));
+    assert!(r.output.is_empty(), "no byte before the refusal");
+}

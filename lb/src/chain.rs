@@ -99,6 +99,10 @@ pub struct ChainConfig {
     pub max_pairs: usize,
     /// Upstream: where savings are reported.
     pub savings: Option<Arc<dyn SavingsSink>>,
+    /// Highest codec framing version this proxy decodes, announced in its HELLO
+    /// (`dictionary_affinity::codec::VERSION`; lower only to pin a version, e.g. in tests that
+    /// stand in for an older build). Each side encodes the lower of its own and the peer's.
+    pub codec_version: u8,
 }
 
 /// How often changed dictionaries are saved when `dictionary_dir` is set.
@@ -117,6 +121,7 @@ impl std::fmt::Debug for ChainConfig {
             .field("shared", &self.shared)
             .field("max_pairs", &self.max_pairs)
             .field("savings", &self.savings.is_some())
+            .field("codec_version", &self.codec_version)
             .finish()
     }
 }
@@ -163,6 +168,9 @@ pub struct ChainStats {
     pub waits_fetched: AtomicU64,
     /// Pair dictionaries dropped to make room for a new pair (`max_pairs`).
     pub pairs_evicted: Arc<AtomicU64>,
+    /// Chained connections whose encoder wrote an older codec version than this build's
+    /// newest, because the peer's HELLO (or `codec_version`) said no more (a chain mid-upgrade).
+    pub older_codec: AtomicU64,
 }
 
 impl ChainStats {
@@ -189,6 +197,7 @@ impl ChainStats {
             waits_arrived: z(),
             waits_fetched: z(),
             pairs_evicted: Arc::default(),
+            older_codec: z(),
         }
     }
 }
@@ -441,7 +450,8 @@ impl Chain {
 
     fn hello(&self, flags: u8) -> Vec<u8> {
         let mut b = Vec::new();
-        Hello { flags, budget: self.config.budget, id: self.config.id.clone() }.emit(&mut b);
+        Hello { flags, codec: self.config.codec_version, budget: self.config.budget, id: self.config.id.clone() }
+            .emit(&mut b);
         b
     }
 
@@ -488,7 +498,7 @@ impl Chain {
             return Ok(conn.plain_outcome());
         };
         conn.persistent.store(!matches!(dicts, PairDicts::Fresh), Relaxed);
-        let mut session = self.session(&peer.id, dicts, Role::Downstream)?;
+        let mut session = self.session(&peer, dicts, Role::Downstream)?;
         let defined = session.defined();
         let (enc, dec) = session.parts();
         let (to_up, to_down) = conn.pipes(s);
@@ -563,7 +573,7 @@ impl Chain {
             (Mode::Ephemeral, ..) => PairDicts::Fresh,
         };
         conn.persistent.store(!matches!(dicts, PairDicts::Fresh), Relaxed);
-        let mut session = self.session(&hello.id, dicts, Role::Upstream)?;
+        let mut session = self.session(&hello, dicts, Role::Upstream)?;
         let defined = session.defined();
         let (enc, dec) = session.parts();
         let (to_up, to_down) = conn.pipes(s);
@@ -573,8 +583,16 @@ impl Chain {
 
     /// The codec pair of one connection: on the pair's shared dictionaries, its own checked
     /// out, or fresh ones.
-    fn session(&self, peer: &str, dicts: PairDicts<'_>, role: Role) -> Result<Session<'_>, ChainError> {
-        let config = EncoderConfig { zstd: self.config.zstd, ..EncoderConfig::default() };
+    /// The codec pair for a chained connection with the peer that sent `hello`: the encoder
+    /// writes the highest framing version both sides decode.
+    fn session(&self, hello: &Hello, dicts: PairDicts<'_>, role: Role) -> Result<Session<'_>, ChainError> {
+        let peer = hello.id.as_str();
+        let version = self.config.codec_version.min(hello.codec);
+        if version < dictionary_affinity::codec::VERSION {
+            self.stats.older_codec.fetch_add(1, Relaxed);
+        }
+        let config = EncoderConfig { zstd: self.config.zstd, version, ..EncoderConfig::default() };
+        let dec_config = DecoderConfig { max_version: self.config.codec_version, ..DecoderConfig::default() };
         let bad = |_| ChainError::Protocol("encoder configuration");
         let (enc, dec, persistent, shared) = match dicts {
             PairDicts::Shared(pair) => {
@@ -586,7 +604,7 @@ impl Chain {
                 };
                 let config = EncoderConfig { repair_window: SHARED_REPAIR_WINDOW, ..config };
                 let enc = Encoder::shared(e.clone(), config).map_err(bad)?;
-                let dec = Decoder::shared(d.clone(), DecoderConfig::default());
+                let dec = Decoder::shared(d.clone(), dec_config);
                 (enc, dec, false, Some(pair))
             }
             own => {
@@ -602,7 +620,7 @@ impl Chain {
                     stores.unwrap_or_else(|| PairStores::fresh(self.config.budget));
                 let (e, d) =
                     if role == Role::Downstream { (to_upstream, to_downstream) } else { (to_downstream, to_upstream) };
-                (Encoder::new(e, config).map_err(bad)?, Decoder::new(d, DecoderConfig::default()), persistent, None)
+                (Encoder::new(e, config).map_err(bad)?, Decoder::new(d, dec_config), persistent, None)
             }
         };
         Ok(Session { chain: self, peer: peer.to_string(), persistent, shared, role, enc: Some(enc), dec: Some(dec) })

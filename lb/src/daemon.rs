@@ -224,6 +224,7 @@ fn chain_config(
         shared: p.shared_dictionaries,
         max_pairs: p.max_dictionary_pairs,
         savings,
+        codec_version: dictionary_affinity::codec::VERSION,
     })
 }
 

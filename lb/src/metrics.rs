@@ -219,7 +219,7 @@ const CHAIN_BYTES: Def = Def {
 };
 const CHAIN_EVENTS: Def = Def {
     name: "lb_chain_events_total",
-    help: "Chain codec events: reset (epoch resets started here), nack_sent, nack_received, decode_error, dictionary_saved, shared_wait_arrived (a reference waited for a chunk another connection defined, and got it), shared_wait_fetched (the wait ran out; the chunk was fetched by NACK), dictionary_pair_evicted (a pair's dictionaries dropped for a new pair: max_dictionary_pairs).",
+    help: "Chain codec events: reset (epoch resets started here), nack_sent, nack_received, decode_error, dictionary_saved, shared_wait_arrived (a reference waited for a chunk another connection defined, and got it), shared_wait_fetched (the wait ran out; the chunk was fetched by NACK), dictionary_pair_evicted (a pair's dictionaries dropped for a new pair: max_dictionary_pairs), older_codec (a chained connection written in an older codec version because the peer decodes no newer: a chain mid-upgrade).",
     labels: &["event"],
 };
 const CHAIN_DICTIONARY: Def = Def {
@@ -604,6 +604,7 @@ fn chain_families(s: &crate::chain::ChainStats) -> Vec<MetricFamily> {
                 ("shared_wait_arrived", &s.waits_arrived),
                 ("shared_wait_fetched", &s.waits_fetched),
                 ("dictionary_pair_evicted", &*s.pairs_evicted),
+                ("older_codec", &s.older_codec),
             ]
             .map(|(e, v)| (vec![e], v.load(Relaxed))),
         ),

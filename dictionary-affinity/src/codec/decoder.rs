@@ -28,11 +28,16 @@ use crate::store::{chunk_check, Store};
 pub struct DecoderConfig {
     /// Most encoded bytes buffered while output waits for a REPAIR.
     pub max_pending: usize,
+    /// Highest framing version accepted, [`super::MIN_VERSION`]..=[`super::VERSION`]
+    /// (default `VERSION`): what this side announces in the chain HELLO, so that the peer's
+    /// encoder writes no newer stream. A stream above it fails with `UnsupportedVersion` before
+    /// a byte is output, as in a build that only speaks that version.
+    pub max_version: u8,
 }
 
 impl Default for DecoderConfig {
     fn default() -> Self {
-        Self { max_pending: 16 << 20 }
+        Self { max_pending: 16 << 20, max_version: super::VERSION }
     }
 }
 
@@ -296,6 +301,9 @@ impl Decoder {
             let Some(header) = self.header else {
                 let Some(b) = self.buf.get(rel..rel + HEADER_LEN) else { return Ok(()) };
                 let h = StreamHeader::parse(b.try_into().expect("header length"))?;
+                if h.version > self.config.max_version {
+                    return Err(DecodeError::UnsupportedVersion(h.version));
+                }
                 self.chain = u32::from_be_bytes(b[super::field::CHECK].try_into().expect("4 bytes"));
                 self.on_header(h)?;
                 self.scanned += HEADER_LEN as u64;

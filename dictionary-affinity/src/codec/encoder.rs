@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    varint3, write_frame, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_SHARED, FLAG_ZSTD, VERSION,
+    varint3, write_frame, Nack, NackKind, StreamHeader, TokenType, COMPRESSED, FLAG_SHARED, FLAG_ZSTD, MIN_VERSION,
+    VERSION,
 };
 use crate::chunk::{ChunkId, Chunker, ChunkerConfig, ChunkerConfigError, MAX_CHUNK};
 use crate::shared::{Dict, SharedStore, StoreRef};
@@ -34,11 +35,21 @@ pub struct EncoderConfig {
     pub repair_window: usize,
     /// Chunks shorter than this (only the tail of a `flush`) go as LITERAL, not into the store.
     pub min_define: usize,
+    /// Framing version written (default [`VERSION`]; clamped to [`MIN_VERSION`]..=`VERSION`):
+    /// the highest the peer's decoder accepts, as its chain HELLO said. Version 1 has no
+    /// carried tokens, so there [`Encoder::flush_soft`] is a [`Encoder::flush`].
+    pub version: u8,
 }
 
 impl Default for EncoderConfig {
     fn default() -> Self {
-        Self { chunker: ChunkerConfig::default(), zstd: false, repair_window: 32 << 20, min_define: 64 }
+        Self {
+            chunker: ChunkerConfig::default(),
+            zstd: false,
+            repair_window: 32 << 20,
+            min_define: 64,
+            version: VERSION,
+        }
     }
 }
 
@@ -233,6 +244,10 @@ impl Encoder {
     /// REFERENCE_CARRIED or LITERAL_CARRIED), so a repeat of the same data still meets the
     /// same chunks wherever the pauses fell. Then a CHECKPOINT if the store changed.
     pub fn flush_soft(&mut self, out: &mut Vec<u8>) {
+        if self.config.version < 2 {
+            // Version 1 cannot send a chunk's beginning ahead: cut where the input paused.
+            return self.flush(out);
+        }
         let start = out.len();
         self.start(out);
         self.emit_chunks(Cuts::Final, out);
@@ -425,7 +440,7 @@ impl Encoder {
             }
             let store = self.dict.view();
             let header = StreamHeader {
-                version: VERSION,
+                version: self.config.version.clamp(MIN_VERSION, VERSION),
                 flags,
                 epoch: store.epoch(),
                 budget: store.budget(),

@@ -33,6 +33,7 @@ fn config(role: Role, id: &str, dir: Option<PathBuf>, sink: Option<Arc<dyn Savin
         shared: true,
         max_pairs: 64,
         savings: sink,
+        codec_version: dictionary_affinity::codec::VERSION,
     }
 }
 
@@ -202,6 +203,53 @@ async fn concurrent_connections_of_one_pair_share_its_dictionaries() {
     assert!(spent < (6 * OBJECT as u64) / 20, "six warm downloads cost under 5% of their bytes: {spent}");
     assert_eq!(down.stats.failed.load(Relaxed) + up.stats.failed.load(Relaxed), 0);
     assert_eq!(down.stats.decode_errors.load(Relaxed) + up.stats.decode_errors.load(Relaxed), 0);
+}
+
+/// Issue 9: the HELLO negotiates the codec version. One end stands in for a build that decodes
+/// only framing version 1 (`codec_version = 1`): the other writes version 1 to it, in both
+/// directions, and the chain works and saves as before. Without the negotiation the newer end
+/// wrote version 2 and every chained connection failed at the stream header
+/// (`UnsupportedVersion(2)`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_half_upgraded_speaks_the_older_codec_version() {
+    let objects = objects();
+    let total = (OBJECTS * OBJECT) as u64;
+    for old in [Role::Downstream, Role::Upstream] {
+        let pin = |c: ChainConfig| if c.role == old { ChainConfig { codec_version: 1, ..c } } else { c };
+        let rig = rig(
+            objects.clone(),
+            pin(config(Role::Downstream, "down-v", None, None)),
+            pin(config(Role::Upstream, "up-v", None, None)),
+        )
+        .await;
+        let first = round(&rig, &objects).await;
+        let second = round(&rig, &objects).await;
+        eprintln!("{old:?} on codec version 1: wire per round {first} / {second} of {total}");
+        let (d, u) = (&rig.down.stats, &rig.up.stats);
+        assert_eq!(d.failed.load(Relaxed) + u.failed.load(Relaxed), 0, "{old:?} old: no connection failed");
+        assert_eq!(d.decode_errors.load(Relaxed) + u.decode_errors.load(Relaxed), 0);
+        assert!(second as f64 <= 0.05 * total as f64, "{old:?} old: the repeat costs {second} of {total}");
+        // Both ends wrote version 1 for every connection: the pinned one by its own limit, the
+        // other because the HELLO said so.
+        tokio::time::timeout(WAIT, async {
+            while u.chained.load(Relaxed) < 2 * OBJECTS as u64 || d.chained.load(Relaxed) < 2 * OBJECTS as u64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("every connection chained");
+        assert_eq!(d.older_codec.load(Relaxed), 2 * OBJECTS as u64);
+        assert_eq!(u.older_codec.load(Relaxed), 2 * OBJECTS as u64);
+    }
+    // Two current ends write the current version.
+    let rig = rig(
+        objects.clone(),
+        config(Role::Downstream, "down-n", None, None),
+        config(Role::Upstream, "up-n", None, None),
+    )
+    .await;
+    round(&rig, &objects).await;
+    assert_eq!(rig.down.stats.older_codec.load(Relaxed) + rig.up.stats.older_codec.load(Relaxed), 0);
 }
 
 /// A peer that does not offer shared dictionaries (an older build, or `shared_dictionaries =
@@ -406,7 +454,7 @@ async fn a_handshake_cut_short_gives_the_pair_dictionaries_back() {
     // A HELLO claiming to be downstream "down-h", then gone before the MODE byte: the
     // upstream had checked the pair out for it.
     let mut hello = Vec::new();
-    wire::Hello { flags: 0, budget: 16 << 20, id: "down-h".into() }.emit(&mut hello);
+    wire::Hello { flags: 0, codec: 2, budget: 16 << 20, id: "down-h".into() }.emit(&mut hello);
     for _ in 0..3 {
         let mut c = TcpStream::connect(u).await.unwrap();
         c.write_all(&hello).await.unwrap();

@@ -14,6 +14,10 @@ pub const FLAG_AVAILABLE: u8 = 0x01;
 /// connections at once (docs/codec.md section 3.2). When both HELLOs carry it, the downstream
 /// answers [`Mode::Shared`] and no connection waits for another's dictionaries.
 pub const FLAG_SHARED: u8 = 0x02;
+/// The HELLO flags byte's high nibble: the highest codec framing version the sender decodes
+/// (`dictionary_affinity::codec::VERSION` for this build). 0, from builds before it was
+/// announced, is read as version 1, which every build decodes.
+pub const CODEC_VERSION_SHIFT: u32 = 4;
 /// Bytes of a HELLO before the identity.
 pub const HELLO_FIXED: usize = 15;
 /// Longest identity a HELLO carries.
@@ -38,11 +42,15 @@ mod field {
 /// +---+---+---+---+-------+-------+-------+-------------------------------+----------------+
 /// | 'L' 'B' 'C' 'H'|version| flags |id len |   dictionary budget (u64)     | id (id len B)  |
 /// +---+---+---+---+-------+-------+-------+-------------------------------+----------------+
+///                          flags: bits 0-3 feature flags, bits 4-7 codec version decoded
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// [`FLAG_AVAILABLE`], [`FLAG_SHARED`], or 0.
     pub flags: u8,
+    /// The highest codec framing version the sender decodes, 1-15 (0 on the wire reads as 1).
+    /// The receiver's encoder writes the lower of it and its own.
+    pub codec: u8,
     /// The sender's per-direction dictionary budget in bytes (must equal the peer's to chain).
     pub budget: u64,
     /// The sender's identity: the key of the pair's dictionaries on the other side.
@@ -55,7 +63,7 @@ impl Hello {
         let id = &self.id.as_bytes()[..self.id.len().min(MAX_ID)];
         out.extend_from_slice(&HELLO_MAGIC);
         out.push(HELLO_VERSION);
-        out.push(self.flags);
+        out.push(self.flags & 0x0f | self.codec.min(15) << CODEC_VERSION_SHIFT);
         out.push(id.len() as u8);
         out.extend_from_slice(&self.budget.to_be_bytes());
         out.extend_from_slice(id);
@@ -78,6 +86,7 @@ impl Hello {
         // features instead of refusing each other. (Builds before FLAG_SHARED refused any
         // unknown flag: see docs/codec.md section 11 for the upgrade.)
         let flags = b[field::FLAGS] & (FLAG_AVAILABLE | FLAG_SHARED);
+        let codec = (b[field::FLAGS] >> CODEC_VERSION_SHIFT).max(1);
         let len = usize::from(b[field::ID_LEN]);
         if len == 0 {
             return Err(ChainError::BadHello("empty identity"));
@@ -89,7 +98,7 @@ impl Hello {
             .map_err(|_| ChainError::BadHello("identity is not UTF-8"))?
             .to_string();
         let budget = u64::from_be_bytes(b[field::BUDGET].try_into().expect("8 bytes"));
-        Ok(Some((Hello { flags, budget, id }, HELLO_FIXED + len)))
+        Ok(Some((Hello { flags, codec, budget, id }, HELLO_FIXED + len)))
     }
 }
 
@@ -204,7 +213,7 @@ mod tests {
 
     #[test]
     fn hello_round_trips_in_any_split_and_refuses_damage() {
-        let h = Hello { flags: FLAG_AVAILABLE, budget: 64 << 20, id: "198.51.100.1".into() };
+        let h = Hello { flags: FLAG_AVAILABLE, codec: 2, budget: 64 << 20, id: "198.51.100.1".into() };
         let mut b = Vec::new();
         h.emit(&mut b);
         b.extend_from_slice(b"rest");
@@ -219,9 +228,23 @@ mod tests {
         assert!(Hello::parse(&bad).is_err());
         // A later build's unknown flags are ignored, not refused: builds negotiate.
         bad = b.clone();
-        bad[field::FLAGS] = 0x80 | FLAG_SHARED;
+        bad[field::FLAGS] = 0x08 | FLAG_SHARED;
         let (got, _) = Hello::parse(&bad).unwrap().unwrap();
         assert_eq!(got.flags, FLAG_SHARED);
+    }
+
+    #[test]
+    fn hello_carries_the_codec_version_and_an_older_hello_reads_as_version_1() {
+        let mut b = Vec::new();
+        Hello { flags: FLAG_SHARED, codec: 2, budget: 1 << 20, id: "u".into() }.emit(&mut b);
+        assert_eq!(b[field::FLAGS], 0x20 | FLAG_SHARED, "version in the high nibble");
+        // A build before the announcement sends 0 there: it is read as version 1.
+        b[field::FLAGS] = FLAG_SHARED;
+        let (got, _) = Hello::parse(&b).unwrap().unwrap();
+        assert_eq!((got.flags, got.codec), (FLAG_SHARED, 1));
+        // A later build's higher version is taken as said (the receiver writes the lower).
+        b[field::FLAGS] = 0xf0;
+        assert_eq!(Hello::parse(&b).unwrap().unwrap().0.codec, 15);
     }
 
     #[test]
@@ -265,8 +288,8 @@ mod tests {
 
         proptest! {
             #[test]
-            fn hello_round_trips(flags in 0u8..2, budget in any::<u64>(), id in "[ -~]{1,255}", cut in any::<prop::sample::Index>()) {
-                let h = Hello { flags, budget, id };
+            fn hello_round_trips(flags in 0u8..4, codec in 1u8..16, budget in any::<u64>(), id in "[ -~]{1,255}", cut in any::<prop::sample::Index>()) {
+                let h = Hello { flags, codec, budget, id };
                 let mut b = Vec::new();
                 h.emit(&mut b);
                 let len = b.len();
