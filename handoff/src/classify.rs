@@ -3,7 +3,6 @@
 //! verdict; the I/O loop carries it out.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use cluster_proto::{Action, Connection, ConnectionDatabase, ConnectionTable, LookupKey, MemberId};
@@ -159,32 +158,16 @@ pub struct View<'a> {
 /// installed as BYPASS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BypassRule {
-    /// Network address.
-    pub addr: IpAddr,
-    /// Prefix length.
-    pub prefix: u8,
+    /// The network.
+    pub net: ipnet::IpNet,
     /// Only this port, if set.
     pub port: Option<u16>,
 }
 
 impl BypassRule {
-    fn covers(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let p = self.prefix.min(32) as u32;
-                p == 0 || (u32::from(n) ^ u32::from(a)) >> (32 - p) == 0
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let p = self.prefix.min(128) as u32;
-                p == 0 || (u128::from(n) ^ u128::from(a)) >> (128 - p) == 0
-            }
-            _ => false,
-        }
-    }
-
     /// True when either endpoint of `c` matches.
     pub fn matches(&self, c: &Connection) -> bool {
-        [c.src(), c.dst()].iter().any(|ep| self.covers(ep.ip()) && self.port.is_none_or(|p| p == ep.port()))
+        [c.src(), c.dst()].iter().any(|ep| self.net.contains(&ep.ip()) && self.port.is_none_or(|p| p == ep.port()))
     }
 }
 

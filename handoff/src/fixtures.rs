@@ -90,7 +90,7 @@ impl Tables {
 }
 
 fn classifier(policy: Box<dyn OwnerPolicy>) -> Classifier {
-    let bypass = vec![BypassRule { addr: "203.0.113.0".parse().unwrap(), prefix: 24, port: None }];
+    let bypass = vec![BypassRule { net: "203.0.113.0/24".parse().unwrap(), port: None }];
     Classifier::new(policy, bypass, Duration::from_secs(1))
 }
 

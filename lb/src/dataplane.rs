@@ -16,7 +16,7 @@ use handoff::track::TrackConfig;
 
 use dictionary_affinity::affinity::AffinityEngine;
 
-use crate::config::{parse_cidr, AffinitySection, Dataplane};
+use crate::config::{parse_net, AffinitySection, Dataplane, Policy};
 use crate::rules;
 use crate::steering::{PolicyKind, Steering, SteeringPolicy};
 
@@ -60,11 +60,11 @@ pub struct RunningDataplane {
 /// affinity engine's settings).
 pub fn steering(d: &Dataplane, affinity: &AffinitySection, mesh: &Mesh) -> Arc<Steering> {
     let members = mesh.members();
-    let kind = match d.policy.as_str() {
-        "rendezvous" => PolicyKind::Rendezvous,
-        "pair-rendezvous" => PolicyKind::PairRendezvous,
-        "affinity" => PolicyKind::Affinity(Arc::new(AffinityEngine::new(affinity.engine_config()))),
-        _ => PolicyKind::Local,
+    let kind = match d.policy {
+        Policy::Local => PolicyKind::Local,
+        Policy::Rendezvous => PolicyKind::Rendezvous,
+        Policy::PairRendezvous => PolicyKind::PairRendezvous,
+        Policy::Affinity => PolicyKind::Affinity(Arc::new(AffinityEngine::new(affinity.engine_config()))),
     };
     let owners = (!d.owners.is_empty()).then(|| {
         d.owners
@@ -105,10 +105,7 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
     let bypass = d
         .bypass
         .iter()
-        .map(|b| {
-            let (addr, prefix) = parse_cidr(&b.net).map_err(anyhow::Error::msg)?;
-            Ok(BypassRule { addr, prefix, port: b.port })
-        })
+        .map(|b| Ok(BypassRule { net: parse_net(&b.net).map_err(anyhow::Error::msg)?, port: b.port }))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let hold_time = Duration::from_millis(d.hold_ms);
     let classifier = Classifier::new(Box::new(SteeringPolicy(steering)), bypass, hold_time);

@@ -221,7 +221,7 @@ fn real_main() -> anyhow::Result<()> {
                     d.policy,
                     if d.fast_path { "on" } else { "off" }
                 );
-                if d.policy == "affinity" {
+                if d.policy == lb::config::Policy::Affinity {
                     let a = &c.affinity;
                     println!(
                         "  affinity: pairs client /{} (v6 /{}) -> server /{} (v6 /{}), load bound {} x average \

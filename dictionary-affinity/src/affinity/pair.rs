@@ -9,9 +9,10 @@
 //! stays exact because content (what the dictionary holds) is per server.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use cluster_proto::Connection;
+use ipnet::IpNet;
 
 /// How much of each address makes a pair (prefix lengths in bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,91 +48,69 @@ impl std::error::Error for InvalidPair {}
 /// The unit of affinity: a client prefix and a server prefix, host bits zeroed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pair {
-    client: IpAddr,
-    server: IpAddr,
-    client_prefix: u8,
-    server_prefix: u8,
+    client: IpNet,
+    server: IpNet,
 }
 
 /// Longest rendezvous key of a pair (IPv6): family, two lengths, two addresses.
 pub const PAIR_KEY_MAX: usize = 3 + 16 + 16;
 
-fn mask(ip: IpAddr, len: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
-            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
-        }
-        IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
-            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
-        }
-    }
-}
-
-fn max_len(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
+/// `ip/len` with the host bits zeroed; `len` must fit the family.
+fn prefix(ip: IpAddr, len: u8) -> Result<IpNet, InvalidPair> {
+    IpNet::new(ip, len).map(|n| n.trunc()).map_err(|_| InvalidPair)
 }
 
 impl Pair {
     /// A pair of `client/client_prefix` and `server/server_prefix`; host bits are zeroed.
     pub fn new(client: IpAddr, client_prefix: u8, server: IpAddr, server_prefix: u8) -> Result<Self, InvalidPair> {
-        if client.is_ipv4() != server.is_ipv4() || client_prefix > max_len(client) || server_prefix > max_len(server) {
+        if client.is_ipv4() != server.is_ipv4() {
             return Err(InvalidPair);
         }
-        Ok(Pair {
-            client: mask(client, client_prefix),
-            server: mask(server, server_prefix),
-            client_prefix,
-            server_prefix,
-        })
+        Ok(Pair { client: prefix(client, client_prefix)?, server: prefix(server, server_prefix)? })
     }
 
     /// The pair of a new flow: its source (the originator of the SYN) is the client.
     pub fn of(connection: &Connection, g: &PairGranularity) -> Self {
         let (c, s) = (connection.src().ip(), connection.dst().ip());
-        let (cl, sl) =
-            if c.is_ipv4() { (g.v4_client.min(32), g.v4_server.min(32)) } else { (g.v6_client, g.v6_server) };
-        let (cl, sl) = (cl.min(max_len(c)), sl.min(max_len(c)));
-        Pair { client: mask(c, cl), server: mask(s, sl), client_prefix: cl, server_prefix: sl }
+        let (cl, sl, max) = if c.is_ipv4() { (g.v4_client, g.v4_server, 32) } else { (g.v6_client, g.v6_server, 128) };
+        // Clamped to the family's length, so neither can fail; a connection's two ends
+        // share a family.
+        let net = |ip, len: u8| prefix(ip, len.min(max)).unwrap_or_else(|_| IpNet::from(ip));
+        Pair { client: net(c, cl), server: net(s, sl) }
     }
 
     /// The client prefix's address (host bits zero).
     pub fn client(&self) -> IpAddr {
-        self.client
+        self.client.addr()
     }
 
     /// The client prefix length in bits.
     pub fn client_prefix(&self) -> u8 {
-        self.client_prefix
+        self.client.prefix_len()
     }
 
     /// The server prefix's address (host bits zero).
     pub fn server(&self) -> IpAddr {
-        self.server
+        self.server.addr()
     }
 
     /// The server prefix length in bits.
     pub fn server_prefix(&self) -> u8 {
-        self.server_prefix
+        self.server.prefix_len()
     }
 
     /// True for an IPv4 pair.
     pub fn is_ipv4(&self) -> bool {
-        self.client.is_ipv4()
+        matches!(self.client, IpNet::V4(_))
     }
 
     /// The bytes rendezvous hashing hashes for this pair, written into `buf`.
     pub fn key_into<'a>(&self, buf: &'a mut [u8; PAIR_KEY_MAX]) -> &'a [u8] {
         buf[0] = if self.is_ipv4() { 1 } else { 2 };
-        buf[1] = self.client_prefix;
-        buf[2] = self.server_prefix;
+        buf[1] = self.client_prefix();
+        buf[2] = self.server_prefix();
         let mut n = 3;
-        for ip in [self.client, self.server] {
+        for ip in [self.client(), self.server()] {
             match ip {
                 IpAddr::V4(a) => {
                     buf[n..n + 4].copy_from_slice(&a.octets());
@@ -155,7 +134,7 @@ impl Pair {
 
 impl fmt::Display for Pair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{} -> {}/{}", self.client, self.client_prefix, self.server, self.server_prefix)
+        write!(f, "{} -> {}", self.client, self.server)
     }
 }
 
