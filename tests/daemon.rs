@@ -359,3 +359,99 @@ fn tls_cluster_from_gen_certs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no [tls] section"));
 }
+
+/// Issue 11: SIGHUP applies the keys that can change while the member runs (here the flood
+/// guard and the log level) and refuses a file that changes any other key, naming it, with
+/// the running configuration kept. Before, SIGHUP only said that the file had changed.
+#[test]
+fn sighup_applies_live_keys_and_refuses_the_rest_by_name() {
+    use cluster_proto::mesh::{Mesh, MeshConfig, NoObserver, Retries};
+    use cluster_proto::session::SessionConfig;
+    use cluster_proto::{Action, Connection, Protocol};
+    use std::sync::Arc;
+    let port = free_port();
+    let (me, peer) = (lo(161), lo(162));
+    let dir = TempDir::new("reload");
+    let admin = SocketAddr::new(me, free_port());
+    let cfg = dir.0.join("lb.toml");
+    let text = |max: usize, rate: u32, level: &str, keepalive: u64| {
+        config(me, port, &[me, peer], admin, keepalive).replace(
+            "plaintext = true",
+            &format!("plaintext = true\nmax_entries_per_member = {max}\nmax_install_rate = {rate}"),
+        ) + &format!("[log]\nlevel = \"{level}\"\n")
+    };
+    std::fs::write(&cfg, text(100, 1, "info", 500)).unwrap();
+    let log = dir.0.join("lb.log");
+    // No RUST_LOG: the level is the file's, so a reload may change it.
+    let child = Command::new(LB)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, admin, log, _dir: TempDir::new("reload-d") };
+    wait_until("admin API up", Duration::from_secs(10), || lb::client::request(admin, "GET", "/peers", None).is_ok());
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3 };
+    let mesh = rt.block_on(async {
+        Mesh::start(MeshConfig::uniform(peer, port, &[me, peer], session, Retries::Infinite), Arc::new(NoObserver))
+            .await
+            .unwrap()
+    });
+    let conn = |i: usize| {
+        Connection::new(
+            Protocol::Tcp,
+            SocketAddr::new(format!("198.18.1.{}", i / 250).parse().unwrap(), 1000 + (i % 250) as u16),
+            "203.0.113.80:80".parse().unwrap(),
+        )
+        .unwrap()
+    };
+    let held = || d.flows(&format!("member={peer}&limit=1")).total;
+    wait_until("peer established", Duration::from_secs(10), || d.peer_state(peer) == "established");
+    for i in 0..150 {
+        mesh.install(conn(i), Action::Forward);
+    }
+    wait_until("the cap holds 100 of the peer's 150", Duration::from_secs(10), || held() == 100);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(held(), 100, "the flood guard refused the other 50");
+
+    let hup = |want: &str| {
+        let before = d.log().matches(want).count();
+        d.signal(libc::SIGHUP);
+        wait_until(want, Duration::from_secs(5), || d.log().matches(want).count() > before);
+    };
+    // A key that cannot change live: the whole file is refused, the key named.
+    std::fs::write(&cfg, text(1000, 100_000, "debug", 700)).unwrap();
+    hup("SIGHUP: not applied");
+    let last = d.log().lines().rev().find(|l| l.contains("SIGHUP: not applied")).unwrap().to_string();
+    assert!(last.contains("keys=cluster.keepalive_ms") && !last.contains("max_entries"), "{last}");
+    for i in 150..200 {
+        mesh.install(conn(i), Action::Forward);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(held(), 100, "nothing of the refused file applied: {}", d.log());
+    assert!(!d.log().contains("DEBUG"), "nor its log level");
+
+    // Only live keys: applied.
+    std::fs::write(&cfg, text(1000, 100_000, "debug", 500)).unwrap();
+    hup("SIGHUP: configuration reloaded");
+    let last = d.log().lines().rev().find(|l| l.contains("SIGHUP: configuration reloaded")).unwrap().to_string();
+    assert!(last.contains("keys=cluster.max_entries_per_member, cluster.max_install_rate, log.level"), "{last}");
+    wait_until("the debug line after the reload", Duration::from_secs(5), || d.log().contains("SIGHUP: reload done"));
+    for i in 200..350 {
+        mesh.install(conn(i), Action::Forward);
+    }
+    wait_until("the raised cap takes the next 150", Duration::from_secs(10), || held() == 250);
+
+    // The same file again: unchanged; a broken one: nothing changes, the member lives on.
+    hup("SIGHUP: configuration unchanged");
+    std::fs::write(&cfg, "[node]\naddress = 1\n").unwrap();
+    hup("SIGHUP: the configuration file is invalid");
+    assert_eq!(lb::client::request(admin, "GET", "/ready", None).unwrap().0, 200);
+    assert_eq!(held(), 250);
+    rt.block_on(mesh.shutdown(Duration::from_secs(1)));
+}

@@ -117,7 +117,8 @@ fn notify_ready_watchdog_sighup_and_stopping() {
     }
     assert!(t0.elapsed() < Duration::from_secs(2), "three pings in {:?}", t0.elapsed());
 
-    // SIGHUP checks the file: unchanged, then changed (valid), then broken; the member lives on.
+    // SIGHUP reloads the file: unchanged, then changed in a key that needs a restart (refused,
+    // named), then broken; the member lives on. (tests/daemon.rs covers keys applied live.)
     let pid = child.id() as i32;
     let hup = |want: &str| {
         assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
@@ -125,7 +126,8 @@ fn notify_ready_watchdog_sighup_and_stopping() {
     };
     hup("SIGHUP: configuration unchanged");
     std::fs::write(&cfg, text.replace("keepalive_ms = 1000", "keepalive_ms = 500")).unwrap();
-    hup("SIGHUP: the configuration file changed and is valid");
+    hup("SIGHUP: not applied: these keys cannot change while the member runs");
+    assert!(log().contains("keys=cluster.keepalive_ms"), "{}", log());
     std::fs::write(&cfg, "[node]\naddress = 1\n").unwrap();
     hup("SIGHUP: the configuration file is invalid");
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP does not end the member: {}", log());

@@ -11,8 +11,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 /// Runs a member until SIGTERM or SIGINT, then leaves the cluster with PEER_LEAVE. `path` is
-/// the file `config` came from: SIGHUP checks it again (see [`check_on_hangup`]).
-pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+/// the file `config` came from: SIGHUP reloads it (see [`reload_on_hangup`]).
+pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_descriptor_limit();
     let mut mesh_config = config.mesh()?;
     mesh_config.tls = config.tls_settings()?;
@@ -140,7 +140,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 break;
             }
             _ = hangup.recv() => {
-                check_on_hangup(path.as_deref(), &config);
+                reload_on_hangup(path.as_deref(), &mut config, &mesh, steering.as_deref());
                 crate::notify::status(&status);
             }
         }
@@ -165,28 +165,76 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP (`systemctl reload`, logrotate): reads the configuration file again and says whether
-/// it is valid and whether it differs from the running one. Nothing is applied: a changed
-/// file takes effect at the next restart, and the log says so (live reload is issue 11's).
-fn check_on_hangup(path: Option<&std::path::Path>, running: &Config) {
+/// SIGHUP (`systemctl reload`, logrotate): reads the configuration file again and applies what
+/// can change while the member runs (`reload.rs`); a file that changes anything else is
+/// refused as a whole, with the keys named, and an invalid file changes nothing. Either way the
+/// member keeps running, and `running` is what is in force afterwards.
+fn reload_on_hangup(
+    path: Option<&std::path::Path>,
+    running: &mut Config,
+    mesh: &Mesh,
+    steering: Option<&crate::steering::Steering>,
+) {
     let Some(path) = path else {
-        tracing::info!("SIGHUP: no configuration file to check; nothing changed");
+        tracing::info!("SIGHUP: no configuration file to reload; nothing changed");
         return;
     };
-    match Config::load(path) {
-        Err(e) => tracing::error!(
-            path = %path.display(),
-            error = %format!("{e:#}"),
-            "SIGHUP: the configuration file is invalid; the running configuration stays"
-        ),
-        Ok(new) if format!("{new:?}") == format!("{running:?}") => {
-            tracing::info!(path = %path.display(), "SIGHUP: configuration unchanged")
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(
+                path = %path.display(),
+                error = %format!("{e:#}"),
+                "SIGHUP: the configuration file is invalid; the running configuration stays"
+            );
+            return;
         }
-        Ok(_) => tracing::warn!(
+    };
+    match crate::reload::plan(running, &new) {
+        crate::reload::Plan::Unchanged => tracing::info!(path = %path.display(), "SIGHUP: configuration unchanged"),
+        crate::reload::Plan::Refuse { keys } => tracing::warn!(
             path = %path.display(),
-            "SIGHUP: the configuration file changed and is valid, but this build does not apply changes live; \
-             restart the member to apply them (the running configuration stays)"
+            keys = %keys.join(", "),
+            "SIGHUP: not applied: these keys cannot change while the member runs; restart the member to apply \
+             them (the running configuration stays)"
         ),
+        crate::reload::Plan::Apply { changes, keys } => {
+            for change in changes {
+                apply(&change, mesh, steering);
+            }
+            *running = new;
+            tracing::info!(path = %path.display(), keys = %keys.join(", "), "SIGHUP: configuration reloaded");
+            tracing::debug!("SIGHUP: reload done");
+        }
+    }
+}
+
+/// Carries out one change of a reload plan (each was checked by `reload::plan`).
+fn apply(change: &crate::reload::Change, mesh: &Mesh, steering: Option<&crate::steering::Steering>) {
+    use crate::reload::Change;
+    match change {
+        Change::FloodGuard { max_entries_per_member, max_install_rate } => {
+            mesh.set_flood_guard(*max_entries_per_member, *max_install_rate);
+        }
+        Change::Owners(owners) => {
+            if let Some(st) = steering {
+                st.set_owners(crate::dataplane::owner_ids(owners, &mesh.members()));
+            }
+        }
+        Change::Policy(policy) => {
+            if let (Some(st), Some(kind)) = (steering, crate::dataplane::policy_kind(*policy)) {
+                if let Err(e) = st.set_policy(kind) {
+                    tracing::error!(error = e, "SIGHUP: dataplane.policy not changed");
+                }
+            }
+        }
+        Change::LogLevel(level) => match crate::logging::set_level(level.as_deref()) {
+            Ok(crate::logging::LevelChange::Overridden) => tracing::warn!(
+                "SIGHUP: log.level changed, but --log-level or RUST_LOG set the level at start and keep it"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "SIGHUP: log.level not changed"),
+        },
     }
 }
 

@@ -60,29 +60,39 @@ pub struct RunningDataplane {
 /// affinity engine's settings).
 pub fn steering(d: &Dataplane, affinity: &AffinitySection, mesh: &Mesh) -> Arc<Steering> {
     let members = mesh.members();
-    let kind = match d.policy {
-        Policy::Local => PolicyKind::Local,
-        Policy::Rendezvous => PolicyKind::Rendezvous,
-        Policy::PairRendezvous => PolicyKind::PairRendezvous,
-        Policy::Affinity => PolicyKind::Affinity(Arc::new(AffinityEngine::new(affinity.engine_config()))),
-    };
-    let owners = (!d.owners.is_empty()).then(|| {
-        d.owners
-            .iter()
-            .filter_map(|a| members.iter().position(|m| m == a).map(|i| MemberId(i as u8)))
-            .collect::<Vec<_>>()
-    });
+    let kind = policy_kind(d.policy)
+        .unwrap_or_else(|| PolicyKind::Affinity(Arc::new(AffinityEngine::new(affinity.engine_config()))));
     // Decisions are remembered about as long as a flow's packets may still be asked about.
-    let steering = Arc::new(Steering::new(kind, owners, Duration::from_secs(600), 1 << 18));
-    let counted: Vec<MemberId> = match steering.owners() {
-        Some(o) => o.to_vec(),
-        None => (0..members.len()).map(|i| MemberId(i as u8)).collect(),
-    };
+    let steering = Arc::new(Steering::new(kind, owner_ids(&d.owners, &members), Duration::from_secs(600), 1 << 18));
     let mesh = mesh.clone();
+    // Weak: the steering holds this source.
+    let weak = Arc::downgrade(&steering);
     steering.set_load_source(Box::new(move || {
+        // The owners as they are now (a reload may change them).
+        let counted: Vec<MemberId> = match weak.upgrade().and_then(|s| s.owners()) {
+            Some(o) => o,
+            None => (0..mesh.members().len()).map(|i| MemberId(i as u8)).collect(),
+        };
         crate::affinity::database_loads(mesh.me(), mesh.local(), mesh.database(), &counted)
     }));
     steering
+}
+
+/// The steering kind of a policy other than affinity (whose engine is built at start).
+pub fn policy_kind(policy: Policy) -> Option<PolicyKind> {
+    match policy {
+        Policy::Local => Some(PolicyKind::Local),
+        Policy::Rendezvous => Some(PolicyKind::Rendezvous),
+        Policy::PairRendezvous => Some(PolicyKind::PairRendezvous),
+        Policy::Affinity => None,
+    }
+}
+
+/// `[dataplane] owners` as member ids (`None`: every member). Each is in `members`, which
+/// the configuration checked.
+pub fn owner_ids(owners: &[std::net::IpAddr], members: &[std::net::IpAddr]) -> Option<Vec<MemberId>> {
+    (!owners.is_empty())
+        .then(|| owners.iter().filter_map(|a| members.iter().position(|m| m == a).map(|i| MemberId(i as u8))).collect())
 }
 
 /// Opens the devices, installs the rules and starts the driver thread.

@@ -16,5 +16,6 @@ pub mod metrics_listener;
 pub mod notify;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod rules;
 pub mod steering;

@@ -22,7 +22,7 @@ pub const THROTTLE_TARGET: &str = "lb::log";
 const MAX_KEYS: usize = 4096;
 
 /// `--log-format` / `log.format`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines (colours only when stderr is a terminal).
@@ -43,6 +43,9 @@ pub struct LogSettings {
     pub throttle_burst: u32,
     /// The throttle's window.
     pub throttle_window: Duration,
+    /// The filter came from `log.level` (or its default), not from `--log-level` or
+    /// `RUST_LOG`: a reload of `log.level` changes it.
+    pub filter_from_config: bool,
 }
 
 impl LogSettings {
@@ -56,9 +59,10 @@ impl LogSettings {
     ) -> LogSettings {
         let default = crate::config::LogSection::default();
         let c = config.unwrap_or(&default);
-        let filter =
-            flag_level.or(env_level.filter(|l| !l.is_empty())).or(c.level.as_deref()).unwrap_or("info").to_string();
+        let overridden = flag_level.or(env_level.filter(|l| !l.is_empty()));
+        let filter = overridden.or(c.level.as_deref()).unwrap_or("info").to_string();
         LogSettings {
+            filter_from_config: overridden.is_none(),
             format: flag_format.unwrap_or(c.format),
             filter,
             throttle_burst: c.throttle_burst,
@@ -76,6 +80,8 @@ pub fn check_filter(directives: &str) -> Result<(), String> {
 /// summaries. An invalid filter is an error (checked before anything is logged).
 pub fn init(s: &LogSettings) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&s.filter).map_err(|e| anyhow::anyhow!("log level {:?}: {e}", s.filter))?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = FILTER.set(Reloadable { handle, from_config: s.filter_from_config });
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let ansi = std::io::stderr().is_terminal() && !no_color;
     let throttle = (s.throttle_burst > 0).then(|| Throttle::new(s.throttle_burst, s.throttle_window, system_clock()));
@@ -93,6 +99,37 @@ pub fn init(s: &LogSettings) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The installed filter, for a reload of `log.level`.
+struct Reloadable {
+    handle: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    from_config: bool,
+}
+
+static FILTER: std::sync::OnceLock<Reloadable> = std::sync::OnceLock::new();
+
+/// What [`set_level`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    /// The new filter is in force.
+    Applied,
+    /// `--log-level` or `RUST_LOG` set the level at start; they keep winning.
+    Overridden,
+    /// No subscriber of ours is installed (a library user, a test).
+    NotInstalled,
+}
+
+/// A reload of `log.level` (`None`: "info"), checked like at start.
+pub fn set_level(level: Option<&str>) -> Result<LevelChange, String> {
+    let directives = level.unwrap_or("info");
+    let filter = EnvFilter::try_new(directives).map_err(|e| format!("{directives:?} is not a log filter: {e}"))?;
+    let Some(r) = FILTER.get() else { return Ok(LevelChange::NotInstalled) };
+    if !r.from_config {
+        return Ok(LevelChange::Overridden);
+    }
+    r.handle.reload(filter).map_err(|e| e.to_string())?;
+    Ok(LevelChange::Applied)
 }
 
 /// A source of "now", so tests can move time by hand.

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use cluster_proto::{Connection, MemberId};
@@ -26,12 +26,13 @@ pub struct Recorded {
     pub reason: &'static str,
 }
 
-/// The configured owner policy with its owner restriction, counters and decision log.
+/// The configured owner policy with its owner restriction, counters and decision log. The
+/// policy (other than affinity) and the owners can change while flows are decided (a reload):
+/// each decision reads them once.
 pub struct Steering {
-    name: &'static str,
-    inner: Box<dyn OwnerPolicy>,
+    policy: RwLock<Active>,
     affinity: Option<Arc<AffinityEngine>>,
-    owners: Option<Vec<MemberId>>,
+    owners: RwLock<Option<Vec<MemberId>>>,
     log: Cache<Connection, Recorded>,
     counts: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
     loads: std::sync::OnceLock<LoadSource>,
@@ -39,6 +40,12 @@ pub struct Steering {
 
 /// Reads every member's current load (see [`crate::affinity::database_loads`]).
 pub type LoadSource = Box<dyn Fn() -> Vec<LoadReport> + Send + Sync>;
+
+/// The policy in force.
+struct Active {
+    name: &'static str,
+    inner: Box<dyn OwnerPolicy>,
+}
 
 /// The policies `[dataplane] policy` names.
 pub enum PolicyKind {
@@ -57,6 +64,21 @@ impl Steering {
     /// flows, `None` lets every live member. Decisions are remembered for `remember` (bounded
     /// to `max_remembered` flows).
     pub fn new(kind: PolicyKind, owners: Option<Vec<MemberId>>, remember: Duration, max_remembered: u64) -> Self {
+        let (active, affinity) = Self::active(kind);
+        Steering {
+            policy: RwLock::new(active),
+            affinity,
+            owners: RwLock::new(sorted(owners)),
+            log: Cache::builder()
+                .max_capacity(max_remembered)
+                .time_to_live(remember.max(Duration::from_secs(1)))
+                .build(),
+            counts: Mutex::default(),
+            loads: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn active(kind: PolicyKind) -> (Active, Option<Arc<AffinityEngine>>) {
         let (name, inner, affinity): (_, Box<dyn OwnerPolicy>, _) = match kind {
             PolicyKind::Local => ("local", Box::new(LocalOnly), None),
             PolicyKind::Rendezvous => ("rendezvous", Box::new(Rendezvous { key: RendezvousKey::Connection }), None),
@@ -65,23 +87,23 @@ impl Steering {
             }
             PolicyKind::Affinity(e) => ("affinity", Box::new(Shared(e.clone())), Some(e)),
         };
-        let owners = owners.map(|mut o| {
-            o.sort_unstable();
-            o.dedup();
-            o
-        });
-        Steering {
-            name,
-            inner,
-            affinity,
-            owners,
-            log: Cache::builder()
-                .max_capacity(max_remembered)
-                .time_to_live(remember.max(Duration::from_secs(1)))
-                .build(),
-            counts: Mutex::default(),
-            loads: std::sync::OnceLock::new(),
+        (Active { name, inner }, affinity)
+    }
+
+    /// Replaces the policy for the flows decided from now on (flows already placed keep their
+    /// owners). Not to or from affinity: the engine and its advertisements are wired at start.
+    pub fn set_policy(&self, kind: PolicyKind) -> Result<(), &'static str> {
+        if self.affinity.is_some() || matches!(kind, PolicyKind::Affinity(_)) {
+            return Err("the policy cannot change to or from affinity while the member runs");
         }
+        let (active, _) = Self::active(kind);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = active;
+        Ok(())
+    }
+
+    /// Replaces the members allowed to own new flows (`None`: all).
+    pub fn set_owners(&self, owners: Option<Vec<MemberId>>) {
+        *self.owners.write().unwrap_or_else(|e| e.into_inner()) = sorted(owners);
     }
 
     /// Where the affinity engine's loads come from; read before every decision so a burst of
@@ -92,7 +114,7 @@ impl Steering {
 
     /// The policy's name as configured.
     pub fn name(&self) -> &'static str {
-        self.name
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).name
     }
 
     /// The affinity engine, when the policy is affinity.
@@ -101,13 +123,13 @@ impl Steering {
     }
 
     /// The members allowed to own new flows (`None`: all).
-    pub fn owners(&self) -> Option<&[MemberId]> {
-        self.owners.as_deref()
+    pub fn owners(&self) -> Option<Vec<MemberId>> {
+        self.owners.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The live members that may own a new flow.
     pub fn eligible(&self, live: &[MemberId]) -> Vec<MemberId> {
-        match &self.owners {
+        match &*self.owners.read().unwrap_or_else(|e| e.into_inner()) {
             None => live.to_vec(),
             Some(o) => live.iter().copied().filter(|m| o.binary_search(m).is_ok()).collect(),
         }
@@ -138,21 +160,28 @@ pub struct SteeringPolicy(pub Arc<Steering>);
 
 impl OwnerPolicy for SteeringPolicy {
     fn name(&self) -> &'static str {
-        self.0.name
+        self.0.name()
     }
 
     fn choose(&self, connection: &Connection, live: &[MemberId], me: MemberId) -> Choice {
         let s = &self.0;
-        let eligible = s.eligible(live);
+        let (eligible, restricted) = {
+            let owners = s.owners.read().unwrap_or_else(|e| e.into_inner());
+            let eligible = match &*owners {
+                None => live.to_vec(),
+                Some(o) => live.iter().copied().filter(|m| o.binary_search(m).is_ok()).collect(),
+            };
+            (eligible, owners.is_some())
+        };
         if let (Some(engine), Some(loads)) = (&s.affinity, s.loads.get()) {
             engine.observe_loads(std::time::Instant::now(), &loads());
         }
         let choice = if eligible.is_empty() {
             Choice { owner: me, reason: NO_OWNER_LIVE }
         } else {
-            let c = s.inner.choose(connection, &eligible, me);
+            let c = s.policy.read().unwrap_or_else(|e| e.into_inner()).inner.choose(connection, &eligible, me);
             // A policy that keeps flows local ("local") when this member may not own them.
-            if s.owners.is_some() && !eligible.contains(&c.owner) {
+            if restricted && !eligible.contains(&c.owner) {
                 Choice { owner: eligible[0], reason: c.reason }
             } else {
                 c
@@ -162,6 +191,15 @@ impl OwnerPolicy for SteeringPolicy {
         s.log.insert(*connection, Recorded { owner: choice.owner, reason: choice.reason });
         choice
     }
+}
+
+/// Sorted and deduplicated, for `binary_search`.
+fn sorted(owners: Option<Vec<MemberId>>) -> Option<Vec<MemberId>> {
+    owners.map(|mut o| {
+        o.sort_unstable();
+        o.dedup();
+        o
+    })
 }
 
 struct Shared(Arc<AffinityEngine>);
@@ -193,7 +231,7 @@ mod tests {
     fn only_allowed_owners_get_flows_and_every_decision_is_counted_and_remembered() {
         let s =
             Arc::new(Steering::new(PolicyKind::Rendezvous, Some(ids(&[4, 2, 3, 3])), Duration::from_secs(60), 1000));
-        assert_eq!(s.owners(), Some(&ids(&[2, 3, 4])[..]));
+        assert_eq!(s.owners(), Some(ids(&[2, 3, 4])));
         let p = SteeringPolicy(s.clone());
         let live = ids(&[0, 1, 2, 3, 4]);
         let mut seen = std::collections::BTreeSet::new();
@@ -211,6 +249,31 @@ mod tests {
         let c = conn("192.0.2.1:1", "203.0.113.10:80");
         assert_eq!(p.choose(&c, &ids(&[0, 1]), MemberId(1)), Choice { owner: MemberId(1), reason: NO_OWNER_LIVE });
         assert!(s.decisions().contains(&(NO_OWNER_LIVE, 1)));
+    }
+
+    #[test]
+    fn a_reload_changes_the_policy_and_owners_of_the_next_flows_only() {
+        let s = Arc::new(Steering::new(PolicyKind::Local, None, Duration::from_secs(60), 1000));
+        let p = SteeringPolicy(s.clone());
+        let live = ids(&[0, 1, 2]);
+        let c = conn("192.0.2.1:1", "203.0.113.10:80");
+        assert_eq!(p.choose(&c, &live, MemberId(1)).owner, MemberId(1));
+        s.set_owners(Some(ids(&[2])));
+        assert_eq!(p.choose(&conn("192.0.2.1:2", "203.0.113.10:80"), &live, MemberId(1)).owner, MemberId(2));
+        s.set_policy(PolicyKind::Rendezvous).unwrap();
+        s.set_owners(None);
+        assert_eq!(s.name(), "rendezvous");
+        let owners: std::collections::BTreeSet<u8> = (0..100u16)
+            .map(|i| p.choose(&conn(&format!("192.0.2.1:{}", 100 + i), "203.0.113.10:80"), &live, MemberId(1)).owner.0)
+            .collect();
+        assert_eq!(owners.len(), 3, "rendezvous spreads over every member again");
+        // The first flow's recorded owner stays what it was.
+        assert_eq!(s.recorded(&c).map(|r| r.owner), Some(MemberId(1)));
+        let e = Arc::new(AffinityEngine::new(AffinityConfig::default()));
+        assert!(s.set_policy(PolicyKind::Affinity(e.clone())).is_err(), "not to affinity");
+        let a = Steering::new(PolicyKind::Affinity(e), None, Duration::from_secs(1), 10);
+        assert!(a.set_policy(PolicyKind::Local).is_err(), "nor from it");
+        assert_eq!(a.name(), "affinity");
     }
 
     #[test]
@@ -243,7 +306,7 @@ mod tests {
             let c = conn(&format!("192.0.2.{}:{port}", port % 200), "203.0.113.10:80");
             assert_eq!(p.choose(&c, &live, MemberId(1)), Choice { owner: MemberId(3), reason: "affinity" });
         }
-        assert_eq!(s.name, "affinity");
+        assert_eq!(s.name(), "affinity");
         assert!(s.decisions().contains(&("affinity", 49)));
     }
 }

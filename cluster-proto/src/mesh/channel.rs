@@ -40,16 +40,18 @@ struct FloodGuard {
 
 impl FloodGuard {
     fn new(inner: &Inner) -> Self {
-        FloodGuard { tokens: inner.config.max_entries_per_member as f64, last: Instant::now() }
+        FloodGuard { tokens: inner.flood_max_entries.load(Ordering::Relaxed) as f64, last: Instant::now() }
     }
 
     fn refuse(&mut self, inner: &Inner, p: MemberId, now: Instant) -> Option<&'static str> {
-        if entries_of(inner, p) >= inner.config.max_entries_per_member {
+        // Read at every INSTALL: a reload's new limits hold from the next one on.
+        let max_entries = inner.flood_max_entries.load(Ordering::Relaxed);
+        let rate = inner.flood_rate.load(Ordering::Relaxed);
+        if entries_of(inner, p) >= max_entries {
             return Some("entry_limit");
         }
-        let cap = inner.config.max_entries_per_member as f64;
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * inner.config.max_install_rate as f64).min(cap);
+        let cap = max_entries as f64;
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate as f64).min(cap);
         self.last = now;
         if self.tokens < 1.0 {
             return Some("rate_limit");

@@ -217,6 +217,10 @@ struct Inner {
     active_channels: AtomicUsize,
     idle: Notify,
     killed: std::sync::atomic::AtomicBool,
+    /// The flood guard's limits, from `config` at start and changed by
+    /// [`Mesh::set_flood_guard`] (a reload).
+    flood_max_entries: AtomicUsize,
+    flood_rate: std::sync::atomic::AtomicU32,
 }
 
 /// Called with each connection a peer installs, on the channel's task: must be quick.
@@ -312,6 +316,8 @@ impl Mesh {
             active_channels: AtomicUsize::new(0),
             idle: Notify::new(),
             killed: false.into(),
+            flood_max_entries: AtomicUsize::new(config.max_entries_per_member),
+            flood_rate: config.max_install_rate.into(),
             install_listener: arc_swap::ArcSwapOption::empty(),
             advertisement_listener: arc_swap::ArcSwapOption::empty(),
             advertisements: Default::default(),
@@ -331,6 +337,19 @@ impl Mesh {
     /// This member's id (its index in the sorted member list).
     pub fn me(&self) -> MemberId {
         self.inner.me
+    }
+
+    /// The flood guard's limits in force: entries per peer, INSTALLs per second.
+    pub fn flood_guard(&self) -> (usize, u32) {
+        (self.inner.flood_max_entries.load(Ordering::Relaxed), self.inner.flood_rate.load(Ordering::Relaxed))
+    }
+
+    /// Changes the flood guard's limits (a reload of `cluster.max_entries_per_member` and
+    /// `cluster.max_install_rate`): every channel applies them from its next INSTALL on.
+    /// Entries already held above a lowered cap stay; further INSTALLs are refused.
+    pub fn set_flood_guard(&self, max_entries_per_member: usize, max_install_rate: u32) {
+        self.inner.flood_max_entries.store(max_entries_per_member.max(1), Ordering::Relaxed);
+        self.inner.flood_rate.store(max_install_rate.max(1), Ordering::Relaxed);
     }
 
     /// This member's cluster address.

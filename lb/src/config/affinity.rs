@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, ConfigError};
 
 /// `[affinity]`: settings of the affinity engine; they must be the same on every member so
 /// that every load-balancing member makes the same choice.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AffinitySection {
     /// IPv4 client prefix length that makes a pair (one site behind a spoofing downstream).

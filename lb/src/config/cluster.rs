@@ -9,12 +9,12 @@ use cluster_proto::mesh::{MemberConfig, MeshConfig, Retries};
 use cluster_proto::session::SessionConfig;
 use cluster_proto::wire::{VERSION_1, VERSION_2};
 use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, Config, ConfigError, DEFAULT_PORT};
 
 /// `[node]`: this member.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     /// Cluster address: the control channel listens and dials from it.
@@ -22,7 +22,7 @@ pub struct Node {
 }
 
 /// `[cluster]`: the membership list and channel settings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     /// Control-channel port, the same on every member unless overridden per member.
@@ -74,7 +74,7 @@ pub struct Cluster {
 }
 
 /// `[cluster.member."ADDRESS"]`: settings for one member.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemberOverride {
     /// Its control port.
@@ -94,6 +94,15 @@ pub struct RetriesSetting(pub Retries);
 impl Default for RetriesSetting {
     fn default() -> Self {
         RetriesSetting(Retries::Infinite)
+    }
+}
+
+impl Serialize for RetriesSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Retries::Infinite => s.serialize_str("infinite"),
+            Retries::Count(n) => s.serialize_u32(n),
+        }
     }
 }
 

@@ -4,12 +4,12 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{default_true, invalid, ConfigError};
 
 /// `[dataplane]`: what is intercepted and how flows are handed over.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dataplane {
     /// NFQUEUE number the rules send packets to.
@@ -95,7 +95,7 @@ impl Default for Dataplane {
 }
 
 /// `[dataplane] policy`: who owns a new flow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// The member that sees the first packet (the paper's behaviour).
@@ -137,7 +137,7 @@ impl Dataplane {
 }
 
 /// One bypass rule: `{ net = "203.0.113.0/24", port = 443 }` (port optional).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BypassEntry {
     /// Network in CIDR notation.

@@ -1,11 +1,11 @@
 //! `[log]`: format, level and throttle of the daemon's log.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, ConfigError};
 
 /// `[log]`: how the daemon logs (the `--log-format` and `--log-level` flags win).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     /// "text" or "json".

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub mod admin;
 pub mod affinity;
@@ -36,7 +36,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9741";
 pub const DEFAULT_PATH: &str = "/etc/lb/lb.toml";
 
 /// The whole file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `[node]`

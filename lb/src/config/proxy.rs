@@ -2,12 +2,12 @@
 
 use std::net::SocketAddr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{default_true, invalid, ConfigError};
 
 /// `[proxy]`: the on-box transparent proxy (TPROXY listener, optional client spoofing).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxySection {
     /// Where TPROXY delivers intercepted connections, e.g. "0.0.0.0:8080" ("[::]:8080" takes
@@ -72,7 +72,7 @@ fn default_max_dictionary_pairs() -> usize {
 }
 
 /// `[proxy] role`: which end of a proxy chain this proxy is, if any.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyRole {
     /// A transparent proxy, no chain.

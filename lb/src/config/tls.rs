@@ -1,12 +1,12 @@
 //! `[tls]`: the member's credentials for the mutual-TLS control channel, and the checks of
 //! what each file holds.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, Config, ConfigError};
 
 /// `[tls]`: the member's credentials for the mutual-TLS control channel.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// PEM file with the cluster CA certificate(s).
