@@ -338,6 +338,8 @@ mod reason_tests {
     fn all_lists_every_reason_once_with_distinct_names() {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(position(*r), i, "{r:?}");
+            // The engine counts by discriminant.
+            assert_eq!(*r as usize, i, "{r:?}");
         }
         let names: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names.len(), Reason::ALL.len());

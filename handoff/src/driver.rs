@@ -112,22 +112,24 @@ pub struct Driver {
     /// The overflow count when it was last logged, and when.
     overflow_reported: u64,
     overflow_logged: Option<Instant>,
+    /// Buffers for queued packets' bytes, given back after their verdict.
+    bufs: Vec<Vec<u8>>,
 }
 
-fn poll(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> =
-        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+/// poll(2) on a fixed set of descriptors; on the stack, no allocation per loop.
+fn poll<const N: usize>(fds: &[RawFd; N], timeout: Duration) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `p` is a valid array of pollfd for the duration of the call.
-    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    let n = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, ms) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
+            return Ok([false; N]);
         }
         return Err(e);
     }
-    Ok(p.iter().map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0).collect())
+    Ok(p.map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
 }
 
 impl Driver {
@@ -151,6 +153,7 @@ impl Driver {
             fast_path_mark: 0,
             overflow_reported: 0,
             overflow_logged: None,
+            bufs: Vec::new(),
         })
     }
 
@@ -211,7 +214,7 @@ impl Driver {
         out: &mut Vec<Output<Pkt>>,
         batch: &mut Vec<(Pkt, Hook)>,
         buf: &mut [u8],
-        fds: &[RawFd],
+        fds: &[RawFd; 4],
         last_publish: &mut Instant,
     ) -> io::Result<()> {
         while !stop.load(Ordering::Relaxed) {
@@ -248,7 +251,8 @@ impl Driver {
                                 continue;
                             }
                         };
-                        let buf = q.payload().to_vec();
+                        let mut buf = self.bufs.pop().unwrap_or_default();
+                        buf.extend_from_slice(q.payload());
                         batch.push((Pkt { queued: q, buf }, hook));
                     }
                     if batch.is_empty() {
@@ -330,16 +334,24 @@ impl Driver {
                 Output::Install { connection, action } => cp.install(connection, action),
                 Output::Remove { connection } => cp.remove(&connection),
                 Output::Accept { packet, modified, local } => {
-                    let v = if modified { NfVerdict::AcceptModified(packet.buf) } else { NfVerdict::Accept };
+                    let Pkt { queued, buf } = packet;
                     // Only set here; the chain after the raw table clears it once it has
                     // refreshed the flow's entry in the fast path's set.
-                    let mark = (local && self.fast_path_mark != 0).then(|| packet.queued.mark() | self.fast_path_mark);
-                    if self.dev.queue.verdict_with_mark(packet.queued, v, mark).is_err() {
+                    let mark = (local && self.fast_path_mark != 0).then(|| queued.mark() | self.fast_path_mark);
+                    let v = if modified {
+                        NfVerdict::AcceptModified(buf)
+                    } else {
+                        self.recycle(buf);
+                        NfVerdict::Accept
+                    };
+                    if self.dev.queue.verdict_with_mark(queued, v, mark).is_err() {
                         self.io_errors += 1;
                     }
                 }
                 Output::Drop { packet } => {
-                    if self.dev.queue.verdict(packet.queued, NfVerdict::Drop).is_err() {
+                    let Pkt { queued, buf } = packet;
+                    self.recycle(buf);
+                    if self.dev.queue.verdict(queued, NfVerdict::Drop).is_err() {
                         self.io_errors += 1;
                     }
                 }
@@ -347,13 +359,23 @@ impl Driver {
                     if self.dev.tunnel.send(&outer).is_err() {
                         self.io_errors += 1;
                     }
+                    self.engine.recycle(outer);
                 }
                 Output::Inject { packet } => {
                     if self.dev.tun.write(&packet).is_err() {
                         self.io_errors += 1;
                     }
+                    self.engine.recycle(packet);
                 }
             }
+        }
+    }
+
+    /// Keeps a packet buffer for the next queued packet (a burst's worth at most).
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.bufs.len() < 512 {
+            buf.clear();
+            self.bufs.push(buf);
         }
     }
 

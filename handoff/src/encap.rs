@@ -27,20 +27,10 @@ pub enum TunnelError {
     MixedOuter,
 }
 
-/// Internet checksum (RFC 1071) over `data`, folded and complemented.
+/// Internet checksum (RFC 1071) over `data`, folded and complemented (etherparse's
+/// one's-complement sum, the one its own headers use).
 pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
-    }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u32) << 8;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    etherparse::checksum::Sum16BitWords::new().add_slice(data).ones_complement().to_be()
 }
 
 /// Appends `inner` wrapped in an outer header from `src` to `dst` to `out`.

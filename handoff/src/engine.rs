@@ -103,6 +103,9 @@ pub struct EngineStats {
     pub hold: HoldStats,
 }
 
+/// Buffers kept for reuse at most (a burst's worth; more are freed).
+const POOL_MAX: usize = 512;
+
 /// The data-plane state of one member.
 pub struct Engine<T> {
     config: EngineConfig,
@@ -112,7 +115,14 @@ pub struct Engine<T> {
     tracker: Tracker,
     ident: u16,
     stats: EngineStats,
+    /// Decisions by reason, indexed like [`Reason::ALL`] (no hashing per packet).
+    decisions: [u64; Reason::ALL.len()],
     newly_held: Vec<Connection>,
+    /// Buffers for the packets the engine writes ([`Output::Send`], [`Output::Inject`]),
+    /// given back by the driver with [`Engine::recycle`]: no allocation per packet once warm.
+    pool: Vec<Vec<u8>>,
+    /// The parse results of a batch, kept between batches.
+    parsed: Vec<Result<Parsed, crate::packet::ParseError>>,
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
@@ -124,14 +134,35 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
             classifier,
             ident: 0,
             stats: EngineStats::default(),
+            decisions: [0; Reason::ALL.len()],
             newly_held: Vec::new(),
+            pool: Vec::new(),
+            parsed: Vec::new(),
             config,
         }
     }
 
     /// Counters so far.
     pub fn stats(&self) -> EngineStats {
-        EngineStats { hold: self.hold.stats(), ..self.stats.clone() }
+        let decisions =
+            Reason::ALL.iter().zip(self.decisions).filter(|(_, n)| *n > 0).map(|(r, n)| (r.name(), n)).collect();
+        EngineStats { hold: self.hold.stats(), decisions, ..self.stats.clone() }
+    }
+
+    /// Gives back the buffer of an [`Output::Send`] or [`Output::Inject`] once its bytes are
+    /// sent, for the next packet.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.pool.len() < POOL_MAX {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    /// An empty buffer from the pool (or a new one while the pool is cold).
+    fn buffer(&mut self, capacity: usize) -> Vec<u8> {
+        let mut b = self.pool.pop().unwrap_or_default();
+        b.reserve(capacity);
+        b
     }
 
     /// Connections that had packets held since the last call (the driver re-checks them
@@ -160,15 +191,17 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
     /// before any is classified, so the memory accesses of the batch overlap. Outputs are
     /// in packet order, as if each had been handled alone.
     pub fn handle_batch(&mut self, now: Instant, view: &View, batch: &mut Vec<(T, Hook)>, out: &mut Vec<Output<T>>) {
-        let parsed: Vec<_> = batch.iter().map(|(p, _)| parse(p.as_ref())).collect();
+        let mut parsed = std::mem::take(&mut self.parsed);
+        parsed.extend(batch.iter().map(|(p, _)| parse(p.as_ref())));
         for p in &parsed {
             if let Ok(Parsed::Flow(f)) = p {
                 view.db.prefetch(&f.connection);
             }
         }
-        for ((packet, hook), parsed) in batch.drain(..).zip(parsed) {
+        for ((packet, hook), parsed) in batch.drain(..).zip(parsed.drain(..)) {
             self.handle_parsed(now, view, packet, hook, parsed, out);
         }
+        self.parsed = parsed;
     }
 
     fn handle_parsed(
@@ -196,7 +229,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
     }
 
     fn count(&mut self, r: Reason) {
-        *self.stats.decisions.entry(r.name()).or_insert(0) += 1;
+        // ALL lists the reasons in declaration order (classify.rs checks it).
+        self.decisions[r as usize] += 1;
     }
 
     fn clamp(&mut self, packet: &mut T, parsed: &Parsed) -> bool {
@@ -265,14 +299,17 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
             self.stats.encap_failed += 1;
             return;
         };
-        let mut outer = Vec::with_capacity(inner.len() + 40);
+        let mut outer = self.buffer(inner.len() + 40);
         self.ident = self.ident.wrapping_add(1);
         match encapsulate(inner, self.config.address, to, self.ident, &mut outer) {
             Ok(()) => {
                 self.stats.encapsulated += 1;
                 out.push(Output::Send { to, outer });
             }
-            Err(_) => self.stats.encap_failed += 1,
+            Err(_) => {
+                self.stats.encap_failed += 1;
+                self.recycle(outer);
+            }
         }
     }
 
@@ -306,7 +343,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
             }
         }
         self.stats.decapsulated += 1;
-        out.push(Output::Inject { packet: inner.to_vec() });
+        let mut packet = self.buffer(inner.len());
+        packet.extend_from_slice(inner);
+        out.push(Output::Inject { packet });
     }
 
     /// An INSTALL arrived from a peer for `connection`: release its held packets now.
