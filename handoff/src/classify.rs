@@ -171,10 +171,33 @@ impl BypassRule {
     }
 }
 
+/// The bypass rules, shared with whoever may replace them while packets are classified (a
+/// reload): read once per new flow, never per packet of a known one.
+#[derive(Clone, Debug, Default)]
+pub struct BypassList(std::sync::Arc<std::sync::RwLock<Vec<BypassRule>>>);
+
+impl BypassList {
+    /// A list of these rules.
+    pub fn new(rules: Vec<BypassRule>) -> Self {
+        BypassList(std::sync::Arc::new(std::sync::RwLock::new(rules)))
+    }
+
+    /// Replaces the rules for the flows classified from now on (flows already installed keep
+    /// their action).
+    pub fn set(&self, rules: Vec<BypassRule>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = rules;
+    }
+
+    /// True when a rule matches `c`.
+    pub fn matches(&self, c: &Connection) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).iter().any(|r| r.matches(c))
+    }
+}
+
 /// The classifier's own state: the owner policy, bypass rules, and recent handoffs.
 pub struct Classifier {
     policy: Box<dyn OwnerPolicy>,
-    bypass: Vec<BypassRule>,
+    bypass: BypassList,
     /// New flows handed to another member, until its INSTALL arrives (or the entry ages out).
     handoffs: HashMap<Connection, (MemberId, Instant)>,
     handoff_ttl: Duration,
@@ -185,7 +208,18 @@ impl Classifier {
     /// A classifier with an owner policy and bypass rules; handoffs are remembered for
     /// `handoff_ttl` (the hold time is a good value).
     pub fn new(policy: Box<dyn OwnerPolicy>, bypass: Vec<BypassRule>, handoff_ttl: Duration) -> Self {
-        Classifier { policy, bypass, handoffs: HashMap::new(), handoff_ttl, max_handoffs: 1 << 16 }
+        Classifier {
+            policy,
+            bypass: BypassList::new(bypass),
+            handoffs: HashMap::new(),
+            handoff_ttl,
+            max_handoffs: 1 << 16,
+        }
+    }
+
+    /// The bypass rules, to replace them while the classifier runs elsewhere.
+    pub fn bypass_list(&self) -> BypassList {
+        self.bypass.clone()
     }
 
     /// The owner policy's name.
@@ -250,7 +284,7 @@ impl Classifier {
             }
             (Hook::Output, false) => decide(Verdict::Accept, Reason::LocalOutput),
             (Hook::Prerouting, true) => {
-                if self.bypass.iter().any(|r| r.matches(c)) {
+                if self.bypass.matches(c) {
                     return decide(Verdict::AcceptLocal { connection: *c, action: Action::Bypass }, Reason::NewBypass);
                 }
                 let choice = self.policy.choose(c, view.live, view.me);
@@ -308,7 +342,7 @@ impl Classifier {
 
 #[cfg(test)]
 mod reason_tests {
-    use super::Reason;
+    use super::{BypassList, BypassRule, Connection, Reason};
 
     /// Its position in [`Reason::ALL`]; a match without a wildcard, so a new variant does not
     /// compile until it is given a place there.
@@ -332,6 +366,23 @@ mod reason_tests {
             Reason::DecapNew => 15,
             Reason::DecapUnknown => 16,
         }
+    }
+
+    #[test]
+    fn a_replaced_bypass_list_applies_to_the_next_new_flow() {
+        let rule = |net: &str| BypassRule { net: net.parse().unwrap(), port: None };
+        let list = BypassList::new(vec![rule("203.0.113.0/24")]);
+        let c = Connection::new(
+            cluster_proto::Protocol::Tcp,
+            "192.0.2.1:1".parse().unwrap(),
+            "198.51.100.9:80".parse().unwrap(),
+        )
+        .unwrap();
+        assert!(!list.matches(&c));
+        list.clone().set(vec![rule("198.51.100.0/24")]);
+        assert!(list.matches(&c), "a clone shares the rules");
+        list.set(vec![]);
+        assert!(!list.matches(&c));
     }
 
     #[test]

@@ -140,7 +140,8 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
                 break;
             }
             _ = hangup.recv() => {
-                reload_on_hangup(path.as_deref(), &mut config, &mesh, steering.as_deref());
+                let bypass = dataplane.as_ref().map(|d| &d.bypass);
+                reload_on_hangup(path.as_deref(), &mut config, &mesh, steering.as_deref(), bypass);
                 crate::notify::status(&status);
             }
         }
@@ -174,6 +175,7 @@ fn reload_on_hangup(
     running: &mut Config,
     mesh: &Mesh,
     steering: Option<&crate::steering::Steering>,
+    bypass: Option<&handoff::classify::BypassList>,
 ) {
     let Some(path) = path else {
         tracing::info!("SIGHUP: no configuration file to reload; nothing changed");
@@ -200,7 +202,7 @@ fn reload_on_hangup(
         ),
         crate::reload::Plan::Apply { changes, keys } => {
             for change in changes {
-                apply(&change, mesh, steering);
+                apply(&change, mesh, steering, bypass);
             }
             *running = new;
             tracing::info!(path = %path.display(), keys = %keys.join(", "), "SIGHUP: configuration reloaded");
@@ -210,9 +212,22 @@ fn reload_on_hangup(
 }
 
 /// Carries out one change of a reload plan (each was checked by `reload::plan`).
-fn apply(change: &crate::reload::Change, mesh: &Mesh, steering: Option<&crate::steering::Steering>) {
+fn apply(
+    change: &crate::reload::Change,
+    mesh: &Mesh,
+    steering: Option<&crate::steering::Steering>,
+    bypass: Option<&handoff::classify::BypassList>,
+) {
     use crate::reload::Change;
     match change {
+        Change::Bypass(entries) => {
+            let d = crate::config::Dataplane { bypass: entries.clone(), ..Default::default() };
+            match (bypass, crate::dataplane::bypass_rules(&d)) {
+                (Some(list), Ok(rules)) => list.set(rules),
+                (_, Err(e)) => tracing::error!(error = %e, "SIGHUP: dataplane.bypass not changed"),
+                (None, _) => {}
+            }
+        }
         Change::FloodGuard { max_entries_per_member, max_install_rate } => {
             mesh.set_flood_guard(*max_entries_per_member, *max_install_rate);
         }

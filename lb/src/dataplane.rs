@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cluster_proto::mesh::Mesh;
 use cluster_proto::{Action, Connection, ConnectionDatabase, ConnectionTable, MemberId};
-use handoff::classify::{BypassRule, Classifier};
+use handoff::classify::{BypassList, BypassRule, Classifier};
 use handoff::driver::{ControlPlane, Devices, Driver, DriverStats};
 use handoff::engine::{Engine, EngineConfig};
 use handoff::io::{nfqueue::NfQueue, raw::RawTunnel, tun::Tun};
@@ -54,6 +54,8 @@ pub struct RunningDataplane {
     /// Counters for metrics.
     pub stats: Arc<Mutex<DriverStats>>,
     managed_rules: bool,
+    /// The classifier's bypass rules (a reload replaces them).
+    pub bypass: BypassList,
 }
 
 /// The owner steering `[dataplane] policy` and `owners` describe (`[affinity]` for the
@@ -76,6 +78,14 @@ pub fn steering(d: &Dataplane, affinity: &AffinitySection, mesh: &Mesh) -> Arc<S
         crate::affinity::database_loads(mesh.me(), mesh.local(), mesh.database(), &counted)
     }));
     steering
+}
+
+/// `[dataplane] bypass` as the classifier's rules (each was checked by the configuration).
+pub fn bypass_rules(d: &Dataplane) -> anyhow::Result<Vec<BypassRule>> {
+    d.bypass
+        .iter()
+        .map(|b| Ok(BypassRule { net: parse_net(&b.net).map_err(anyhow::Error::msg)?, port: b.port }))
+        .collect()
 }
 
 /// The steering kind of a policy other than affinity (whose engine is built at start).
@@ -112,13 +122,10 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
             "the kernel granted a smaller NFQUEUE socket buffer than dataplane.queue_buffer_bytes (no CAP_NET_ADMIN?)"
         );
     }
-    let bypass = d
-        .bypass
-        .iter()
-        .map(|b| Ok(BypassRule { net: parse_net(&b.net).map_err(anyhow::Error::msg)?, port: b.port }))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bypass = bypass_rules(d)?;
     let hold_time = Duration::from_millis(d.hold_ms);
     let classifier = Classifier::new(Box::new(SteeringPolicy(steering)), bypass, hold_time);
+    let bypass = classifier.bypass_list();
     let engine = Engine::new(
         EngineConfig {
             address: mesh.address(),
@@ -158,7 +165,7 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
         }
         r
     })?;
-    Ok(RunningDataplane { stop, thread: Some(thread), stats, managed_rules: d.manage_rules })
+    Ok(RunningDataplane { stop, thread: Some(thread), stats, managed_rules: d.manage_rules, bypass })
 }
 
 impl RunningDataplane {

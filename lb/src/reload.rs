@@ -8,6 +8,7 @@
 //!
 //! What changes live (docs/configuration.md, "Reload"):
 //! - `dataplane.owners`: the members allowed to own new flows;
+//! - `dataplane.bypass`: the bypass list, for new flows;
 //! - `dataplane.policy` among `local`, `rendezvous` and `pair-rendezvous` (to or from
 //!   `affinity` needs a restart: the engine and its advertisements start with the member);
 //! - `cluster.max_entries_per_member` and `cluster.max_install_rate` (the flood guard);
@@ -24,6 +25,8 @@ use crate::config::{Config, Policy};
 pub enum Change {
     /// New `dataplane.owners` (empty: every member).
     Owners(Vec<IpAddr>),
+    /// New `dataplane.bypass`.
+    Bypass(Vec<crate::config::BypassEntry>),
     /// New `dataplane.policy` (never to or from affinity).
     Policy(Policy),
     /// New flood-guard limits: `cluster.max_entries_per_member`, `cluster.max_install_rate`.
@@ -59,6 +62,7 @@ pub enum Plan {
 /// Keys whose change [`plan`] can turn into a [`Change`].
 const LIVE: &[&str] = &[
     "dataplane.owners",
+    "dataplane.bypass",
     "dataplane.policy",
     "cluster.max_entries_per_member",
     "cluster.max_install_rate",
@@ -86,6 +90,7 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
         let d = new.dataplane.as_ref();
         match key.as_str() {
             "dataplane.owners" => changes.push(Change::Owners(d.map(|d| d.owners.clone()).unwrap_or_default())),
+            "dataplane.bypass" => changes.push(Change::Bypass(d.map(|d| d.bypass.clone()).unwrap_or_default())),
             "dataplane.policy" => changes.push(Change::Policy(d.map(|d| d.policy).unwrap_or_default())),
             "cluster.max_entries_per_member" | "cluster.max_install_rate" => {
                 let flood = Change::FloodGuard {
@@ -195,6 +200,20 @@ policy = "rendezvous"
         assert_eq!(
             plan(&cfg(BASE), &new),
             Plan::Apply { changes: vec![Change::LogLevel(Some("debug".into()))], keys: vec!["log.level".into()] }
+        );
+    }
+
+    #[test]
+    fn a_new_bypass_list_is_live() {
+        let new = with(&[(
+            "policy = \"rendezvous\"",
+            "policy = \"rendezvous\"\nbypass = [{ net = \"203.0.113.0/24\", port = 443 }]",
+        )]);
+        let Plan::Apply { changes, keys } = plan(&cfg(BASE), &new) else { panic!() };
+        assert_eq!(keys, ["dataplane.bypass"]);
+        assert_eq!(
+            changes,
+            vec![Change::Bypass(vec![crate::config::BypassEntry { net: "203.0.113.0/24".into(), port: Some(443) }])]
         );
     }
 

@@ -137,7 +137,7 @@ impl Dataplane {
 }
 
 /// One bypass rule: `{ net = "203.0.113.0/24", port = 443 }` (port optional).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BypassEntry {
     /// Network in CIDR notation.
