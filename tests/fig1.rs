@@ -393,6 +393,34 @@ fn fig1_delayed_install_is_held_and_restart_rejoins_ipv4() {
     run_fig1_delayed_install_and_restart(&V4);
 }
 
+/// Issue 11: a reload adds a bypass rule while traffic runs: the next new connection to the
+/// server is installed as BYPASS, with no restart (before, SIGHUP applied nothing).
+#[test]
+fn sighup_adds_a_bypass_rule_for_the_next_new_flows() {
+    let f = &V4;
+    let t = topology(f);
+    let _server = Server::start(&t);
+    let config = t.config(f.a_cluster, false, 0);
+    let a = t.start(&t.a, "a", config.clone());
+    let _b = t.start(&t.b, "b", t.config(f.b_cluster, false, 0));
+    wait_until("A and B established", Duration::from_secs(10), || metric(&t.a, "lb_peers{state=\"established\"}") == 1);
+    let new_bypass = || metric(&t.a, "lb_dataplane_decisions_total{reason=\"new_bypass\"}");
+    let new_local = || metric(&t.a, "lb_dataplane_decisions_total{reason=\"new_local\"}");
+    exchange(&t, Duration::from_secs(6)).expect("the first exchange, handed over as in Fig. 1");
+    // The driver publishes its counters every 100 ms.
+    wait_until("the first SYN counted", Duration::from_secs(5), || new_local() == 1);
+    assert_eq!(new_bypass(), 0);
+    let with_bypass = config
+        .replace("[dataplane]\n", &format!("[dataplane]\nbypass = [{{ net = \"{}/32\", port = 80 }}]\n", f.server));
+    std::fs::write(t.dir.join("a.toml"), with_bypass).unwrap();
+    a.signal(libc::SIGHUP);
+    wait_until("the reload", Duration::from_secs(5), || a.log().contains("SIGHUP: configuration reloaded"));
+    assert!(a.log().contains("keys=dataplane.bypass"), "{}", a.log());
+    let _ = exchange(&t, Duration::from_secs(3));
+    wait_until("a BYPASS decision", Duration::from_secs(5), || new_bypass() == 1);
+    assert_eq!(new_local(), 1, "the second connection was not taken as local: {}", a.log());
+}
+
 /// Without a usable `nft` (missing here; a kernel before 5.4 refuses the table the same way)
 /// the member still runs its data plane, warned, with every intercepted packet queued.
 #[test]

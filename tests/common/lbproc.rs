@@ -71,6 +71,13 @@ impl LbProcess {
         &self.log
     }
 
+    /// Sends `sig` (SIGHUP for a reload).
+    #[allow(dead_code)]
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
     /// SIGTERM, and a bounded wait for a clean exit (status 0).
     pub fn terminate(&mut self) {
         // SAFETY: signalling our own child.
