@@ -142,6 +142,25 @@ fn load_bound_is_respected() {
     assert_eq!(e.decide(&q, &live(4), MemberId(0)).reason, Reason::Affinity);
 }
 
+/// A reload changes the bounds of the next decisions; bad values are sanitized as at start.
+#[test]
+fn load_bounds_change_while_the_engine_runs() {
+    let e = AffinityEngine::new(AffinityConfig::default());
+    let t = Instant::now();
+    let p = pair(2);
+    e.observe(t, &[stats(p, 0, 9000.0, 1), stats(p, 1, 50.0, 1)]);
+    // Average 100, bound 1.25 x: member 0 at 130 is over.
+    e.observe_loads(t, &loads(&[130.0, 90.0, 90.0, 90.0]));
+    assert_eq!(e.decide(&p, &live(4), MemberId(0)).reason, Reason::AffinityNextBest);
+    e.set_load_bounds(1.5, 1.1, 4.0);
+    assert_eq!(e.decide(&p, &live(4), MemberId(0)).reason, Reason::Affinity, "130 is within 1.5 x 100");
+    let c = e.config();
+    assert_eq!((c.load_bound, c.new_pair_bound, c.load_slack), (1.5, 1.1, 4.0));
+    e.set_load_bounds(0.5, 9.0, f64::NAN);
+    let c = e.config();
+    assert_eq!((c.load_bound, c.new_pair_bound, c.load_slack), (1.0, 1.0, 0.0));
+}
+
 #[test]
 fn new_pairs_keep_off_members_above_the_new_pair_bound() {
     let e = AffinityEngine::new(AffinityConfig::default());

@@ -243,6 +243,12 @@ fn apply(
                 }
             }
         }
+        Change::AffinityBounds(load_bound, new_pair_bound, load_slack) => {
+            // Only the affinity policy decides by them.
+            if let Some(engine) = steering.and_then(|st| st.affinity()) {
+                engine.set_load_bounds(*load_bound, *new_pair_bound, *load_slack);
+            }
+        }
         Change::LogLevel(level) => match crate::logging::set_level(level.as_deref()) {
             Ok(crate::logging::LevelChange::Overridden) => tracing::warn!(
                 "SIGHUP: log.level changed, but --log-level or RUST_LOG set the level at start and keep it"

@@ -12,6 +12,7 @@
 //! - `dataplane.policy` among `local`, `rendezvous` and `pair-rendezvous` (to or from
 //!   `affinity` needs a restart: the engine and its advertisements start with the member);
 //! - `cluster.max_entries_per_member` and `cluster.max_install_rate` (the flood guard);
+//! - `affinity.load_bound`, `affinity.new_pair_bound`, `affinity.load_slack`;
 //! - `log.level` (unless `--log-level` or `RUST_LOG` set the level).
 //!
 //! Flows already placed keep their owners: a new policy or owner list applies to new flows.
@@ -36,6 +37,8 @@ pub enum Change {
         /// INSTALLs per second from one peer after the burst.
         max_install_rate: u32,
     },
+    /// New affinity load bounds: `load_bound`, `new_pair_bound`, `load_slack`.
+    AffinityBounds(f64, f64, f64),
     /// New `log.level` (`None`: back to "info").
     LogLevel(Option<String>),
 }
@@ -66,6 +69,9 @@ const LIVE: &[&str] = &[
     "dataplane.policy",
     "cluster.max_entries_per_member",
     "cluster.max_install_rate",
+    "affinity.load_bound",
+    "affinity.new_pair_bound",
+    "affinity.load_slack",
     "log.level",
 ];
 
@@ -99,6 +105,13 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
                 };
                 if !changes.contains(&flood) {
                     changes.push(flood);
+                }
+            }
+            "affinity.load_bound" | "affinity.new_pair_bound" | "affinity.load_slack" => {
+                let a = &new.affinity;
+                let bounds = Change::AffinityBounds(a.load_bound, a.new_pair_bound, a.load_slack);
+                if !changes.contains(&bounds) {
+                    changes.push(bounds);
                 }
             }
             "log.level" => changes.push(Change::LogLevel(new.log.level.clone())),
@@ -201,6 +214,16 @@ policy = "rendezvous"
             plan(&cfg(BASE), &new),
             Plan::Apply { changes: vec![Change::LogLevel(Some("debug".into()))], keys: vec!["log.level".into()] }
         );
+    }
+
+    #[test]
+    fn affinity_bounds_are_live_and_other_affinity_keys_are_not() {
+        let new = cfg(&format!("{BASE}[affinity]\nload_bound = 1.5\nload_slack = 2\n"));
+        let Plan::Apply { changes, keys } = plan(&cfg(BASE), &new) else { panic!() };
+        assert_eq!(keys, ["affinity.load_bound", "affinity.load_slack"]);
+        assert_eq!(changes, vec![Change::AffinityBounds(1.5, 1.1, 2.0)]);
+        let new = cfg(&format!("{BASE}[affinity]\nclient_prefix_v4 = 16\n"));
+        assert_eq!(plan(&cfg(BASE), &new), Plan::Refuse { keys: vec!["affinity.client_prefix_v4".into()] });
     }
 
     #[test]

@@ -240,6 +240,9 @@ struct Bound {
 /// The dictionary-affinity owner policy; shared by reference (`&self`) with the data plane.
 pub struct AffinityEngine {
     config: AffinityConfig,
+    /// `load_bound`, `new_pair_bound` and `load_slack` as f64 bits: they can change while the
+    /// engine decides ([`AffinityEngine::set_load_bounds`], a reload); `config` holds the rest.
+    bounds: [AtomicU64; 3],
     decay: Decay,
     pairs: Cache<Pair, Arc<[Slot]>>,
     view: RwLock<View>,
@@ -250,16 +253,10 @@ impl AffinityEngine {
     /// An engine with no statistics yet (it decides by rendezvous until advertisements come).
     pub fn new(config: AffinityConfig) -> Self {
         let mut config = config;
-        if config.load_bound.is_nan() || config.load_bound < 1.0 {
-            config.load_bound = 1.0;
-        }
-        config.new_pair_bound =
-            if config.new_pair_bound.is_nan() { 1.0 } else { config.new_pair_bound.clamp(1.0, config.load_bound) };
+        let (load_bound, new_pair_bound, load_slack) =
+            sane_bounds(config.load_bound, config.new_pair_bound, config.load_slack);
         if config.min_score.is_nan() || config.min_score < 0.0 {
             config.min_score = 0.0;
-        }
-        if !config.load_slack.is_finite() || config.load_slack < 0.0 {
-            config.load_slack = 0.0;
         }
         let pairs = Cache::builder()
             .max_capacity(config.max_pairs)
@@ -269,13 +266,31 @@ impl AffinityEngine {
             pairs: pairs.build(),
             view: RwLock::new(View { clock: None, members: vec![MemberView::default(); 256] }),
             counters: Default::default(),
+            bounds: [load_bound, new_pair_bound, load_slack].map(|v| AtomicU64::new(v.to_bits())),
             config,
         }
     }
 
     /// The settings in force (a load bound below 1 is raised to 1, a negative `min_score` to 0).
-    pub fn config(&self) -> &AffinityConfig {
-        &self.config
+    pub fn config(&self) -> AffinityConfig {
+        let (load_bound, new_pair_bound, load_slack) = self.load_bounds();
+        AffinityConfig { load_bound, new_pair_bound, load_slack, ..self.config }
+    }
+
+    /// Changes the load bound, the new-pair bound and the slack for the decisions from now on
+    /// (a reload of `[affinity]`), sanitized as at start.
+    pub fn set_load_bounds(&self, load_bound: f64, new_pair_bound: f64, load_slack: f64) {
+        let v = sane_bounds(load_bound, new_pair_bound, load_slack);
+        for (a, x) in self.bounds.iter().zip([v.0, v.1, v.2]) {
+            a.store(x.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// `(load_bound, new_pair_bound, load_slack)` in force.
+    fn load_bounds(&self) -> (f64, f64, f64) {
+        let [a, b, c] = &self.bounds;
+        let get = |x: &AtomicU64| f64::from_bits(x.load(Ordering::Relaxed));
+        (get(a), get(b), get(c))
     }
 
     /// The pair a new flow belongs to, at this engine's granularity.
@@ -363,9 +378,9 @@ impl AffinityEngine {
             return Bound { within: live, cool: live, average: None, limit: None };
         }
         let average = sum / f64::from(n);
-        let slack = self.config.load_slack;
-        let limit = (self.config.load_bound * average).max(average + slack);
-        let cool_limit = (self.config.new_pair_bound * average).max(average + slack);
+        let (load_bound, new_pair_bound, slack) = self.load_bounds();
+        let limit = (load_bound * average).max(average + slack);
+        let cool_limit = (new_pair_bound * average).max(average + slack);
         let (mut within, mut cool) = (MemberSet::default(), MemberSet::default());
         for m in live.iter() {
             let load = self.load_of(v, m);
@@ -467,12 +482,11 @@ impl AffinityEngine {
         out.push(')');
         match (bound.average, bound.limit) {
             (Some(avg), Some(limit)) => {
+                let (load_bound, new_pair_bound, slack) = self.load_bounds();
                 let _ = write!(
                     out,
-                    "; load bound {} x average {avg:.1} (slack {}) = {limit:.1} (new pairs {:.1})",
-                    self.config.load_bound,
-                    self.config.load_slack,
-                    (self.config.new_pair_bound * avg).max(avg + self.config.load_slack)
+                    "; load bound {load_bound} x average {avg:.1} (slack {slack}) = {limit:.1} (new pairs {:.1})",
+                    (new_pair_bound * avg).max(avg + slack)
                 );
             }
             _ => out.push_str("; no load reports, every member within the bound"),
@@ -526,6 +540,14 @@ impl OwnerPolicy for AffinityEngine {
         let d = self.decide_counted(&self.pair(connection), live, me);
         Choice { owner: d.owner, reason: d.reason.as_str() }
     }
+}
+
+/// A load bound of at least 1, a new-pair bound between 1 and it, a slack of 0 or more.
+fn sane_bounds(load_bound: f64, new_pair_bound: f64, load_slack: f64) -> (f64, f64, f64) {
+    let load_bound = if load_bound.is_nan() || load_bound < 1.0 { 1.0 } else { load_bound };
+    let new_pair_bound = if new_pair_bound.is_nan() { 1.0 } else { new_pair_bound.clamp(1.0, load_bound) };
+    let load_slack = if !load_slack.is_finite() || load_slack < 0.0 { 0.0 } else { load_slack };
+    (load_bound, new_pair_bound, load_slack)
 }
 
 #[cfg(test)]
