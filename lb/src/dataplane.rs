@@ -67,15 +67,9 @@ pub fn steering(d: &Dataplane, affinity: &AffinitySection, mesh: &Mesh) -> Arc<S
     // Decisions are remembered about as long as a flow's packets may still be asked about.
     let steering = Arc::new(Steering::new(kind, owner_ids(&d.owners, &members), Duration::from_secs(600), 1 << 18));
     let mesh = mesh.clone();
-    // Weak: the steering holds this source.
-    let weak = Arc::downgrade(&steering);
-    steering.set_load_source(Box::new(move || {
-        // The owners as they are now (a reload may change them).
-        let counted: Vec<MemberId> = match weak.upgrade().and_then(|s| s.owners()) {
-            Some(o) => o,
-            None => (0..mesh.members().len()).map(|i| MemberId(i as u8)).collect(),
-        };
-        crate::affinity::database_loads(mesh.me(), mesh.local(), mesh.database(), &counted)
+    let every: Vec<MemberId> = (0..members.len()).map(|i| MemberId(i as u8)).collect();
+    steering.set_load_source(Box::new(move |owners| {
+        crate::affinity::database_loads(mesh.me(), mesh.local(), mesh.database(), owners.unwrap_or(&every))
     }));
     steering
 }

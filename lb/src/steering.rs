@@ -38,8 +38,9 @@ pub struct Steering {
     loads: std::sync::OnceLock<LoadSource>,
 }
 
-/// Reads every member's current load (see [`crate::affinity::database_loads`]).
-pub type LoadSource = Box<dyn Fn() -> Vec<LoadReport> + Send + Sync>;
+/// Reads the current load of the members allowed to own new flows, given as they are at the
+/// decision (`None`: every member; see [`crate::affinity::database_loads`]).
+pub type LoadSource = Box<dyn Fn(Option<&[MemberId]>) -> Vec<LoadReport> + Send + Sync>;
 
 /// The policy in force.
 struct Active {
@@ -129,10 +130,7 @@ impl Steering {
 
     /// The live members that may own a new flow.
     pub fn eligible(&self, live: &[MemberId]) -> Vec<MemberId> {
-        match &*self.owners.read().unwrap_or_else(|e| e.into_inner()) {
-            None => live.to_vec(),
-            Some(o) => live.iter().copied().filter(|m| o.binary_search(m).is_ok()).collect(),
-        }
+        eligible(self.owners.read().unwrap_or_else(|e| e.into_inner()).as_deref(), live)
     }
 
     /// Why `connection` (in either direction) got its owner, if this member decided it recently.
@@ -165,17 +163,14 @@ impl OwnerPolicy for SteeringPolicy {
 
     fn choose(&self, connection: &Connection, live: &[MemberId], me: MemberId) -> Choice {
         let s = &self.0;
-        let (eligible, restricted) = {
-            let owners = s.owners.read().unwrap_or_else(|e| e.into_inner());
-            let eligible = match &*owners {
-                None => live.to_vec(),
-                Some(o) => live.iter().copied().filter(|m| o.binary_search(m).is_ok()).collect(),
-            };
-            (eligible, owners.is_some())
-        };
+        // The owners in force for this whole decision (a reload may replace them).
+        let owners = s.owners.read().unwrap_or_else(|e| e.into_inner());
+        let eligible = eligible(owners.as_deref(), live);
+        let restricted = owners.is_some();
         if let (Some(engine), Some(loads)) = (&s.affinity, s.loads.get()) {
-            engine.observe_loads(std::time::Instant::now(), &loads());
+            engine.observe_loads(std::time::Instant::now(), &loads(owners.as_deref()));
         }
+        drop(owners);
         let choice = if eligible.is_empty() {
             Choice { owner: me, reason: NO_OWNER_LIVE }
         } else {
@@ -190,6 +185,14 @@ impl OwnerPolicy for SteeringPolicy {
         s.count(choice.reason);
         s.log.insert(*connection, Recorded { owner: choice.owner, reason: choice.reason });
         choice
+    }
+}
+
+/// The live members among `owners` (all of `live` without a restriction).
+fn eligible(owners: Option<&[MemberId]>, live: &[MemberId]) -> Vec<MemberId> {
+    match owners {
+        None => live.to_vec(),
+        Some(o) => live.iter().copied().filter(|m| o.binary_search(m).is_ok()).collect(),
     }
 }
 
