@@ -112,6 +112,46 @@ async fn late_joiner_gets_the_full_table_and_leave_purges_at_once() {
     c.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Issue 10 (table sync without copying): the sync is streamed from the live table, a part at
+/// a time, while the sender keeps registering, changing and removing connections. Whatever
+/// the interleaving of parts and live updates, the joiner ends with the table as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_streamed_while_it_changes_arrives_as_it_ends() {
+    const N: usize = 300_000;
+    let port = free_port();
+    let addrs = [lo(1), lo(2)];
+    let a = start_with(addrs[0], port, &addrs, 1000).await;
+    for i in 0..N {
+        a.install(conn(1, i), Action::Forward);
+    }
+    let b = start_with(addrs[1], port, &addrs, 1000).await;
+    wait_until_async("the sync begins", Duration::from_secs(10), || !b.database().is_empty()).await;
+    let mid_sync = b.database().len();
+    // Churn on another thread while the parts go out: a third removed, a third changed to
+    // bypass, as many new (the table keeps N entries).
+    let churn = {
+        let a = a.clone();
+        tokio::task::spawn_blocking(move || {
+            for i in 0..N / 3 {
+                assert!(a.remove(&conn(1, i * 3)).is_some());
+                a.install(conn(1, i * 3 + 1), Action::Bypass);
+                a.install(conn(1, N + i), Action::Forward);
+            }
+        })
+    };
+    churn.await.expect("churn");
+    assert!(mid_sync < N, "the churn must overlap the sync (the joiner held {mid_sync} of {N} at its start)");
+    wait_until_async("the joiner holds the table as it ends", Duration::from_secs(30), || {
+        b.database().len() == N && a.view_digest() == b.view_digest()
+    })
+    .await;
+    assert_eq!(b.database().count_of(a.me(), Action::Bypass), N / 3);
+    assert!(b.database().lookup(&conn(1, 0)).is_none() && b.database().lookup(&conn(1, N + 7)).is_some());
+    for m in [a, b] {
+        m.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_member_is_purged_and_its_restart_resyncs() {
     let port = free_port();

@@ -40,7 +40,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::flow::{Action, Connection, Protocol};
-use crate::table::{FlowTable, KEY_MASK, OCCUPIED};
+use crate::table::{FlowTable, KEY_MASK, OCCUPIED, SHARDS};
 
 /// Index of a cluster member in the sorted membership list; the owner of an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -213,6 +213,9 @@ pub struct ConnectionDatabase {
 
 const STRIPES: usize = 64;
 
+/// Parts of a database visited one at a time by [`ConnectionDatabase::for_each_in_part`].
+pub const PARTS: usize = 2 * SHARDS;
+
 /// One claim on a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Claim {
@@ -286,8 +289,7 @@ impl ConnectionDatabase {
         self.lookup(connection).map(|e| (e.owner, e.action, e.connection))
     }
 
-    fn write_main(&self, c: &Claim) -> Option<u64> {
-        let t = self.now_secs();
+    fn write_main(&self, c: &Claim, t: u32) -> Option<u64> {
         if c.connection.is_ipv4() {
             self.v4.upsert(v4_slot(&c.connection, c.owner, c.action, t)).map(|s| s[1])
         } else {
@@ -321,7 +323,7 @@ impl ConnectionDatabase {
         }
         let b = best?;
         if current != Some((b.owner, b.action, b.connection)) {
-            if let Some(m) = self.write_main(&b) {
+            if let Some(m) = self.write_main(&b, self.now_secs()) {
                 self.count(owner_of(m), action_of(m), -1);
             }
             self.count(b.owner, b.action, 1);
@@ -396,10 +398,23 @@ impl ConnectionDatabase {
     /// member claims it too, the lowest member id owns it (module docs), whatever the order
     /// the claims arrive in.
     pub fn install(&self, connection: &Connection, owner: MemberId, action: Action) -> InstallOutcome {
+        self.install_at(connection, owner, action, self.now_secs())
+    }
+
+    /// [`ConnectionDatabase::install`] with the install time ([`ConnectionDatabase::now_secs`])
+    /// read once by the caller, for a batch of installs (a table sync).
+    pub fn install_at(
+        &self,
+        connection: &Connection,
+        owner: MemberId,
+        action: Action,
+        now_secs: u32,
+    ) -> InstallOutcome {
         let key = contest_key(connection);
         let mut map = self.stripe(&key);
-        if !map.contains_key(&key) {
-            let prev = self.write_main(&Claim { connection: *connection, owner, action });
+        // Uncontested (the common case, and the whole of a table sync): no lookup in the map.
+        if map.is_empty() || !map.contains_key(&key) {
+            let prev = self.write_main(&Claim { connection: *connection, owner, action }, now_secs);
             match prev {
                 None => {
                     self.count(owner, action, 1);
@@ -594,6 +609,17 @@ impl ConnectionDatabase {
         self.v6.for_each(|s| f(v6_entry(s)));
     }
 
+    /// Calls `f` for every entry of part `part` (below [`PARTS`]): the IPv4 table's shards
+    /// first, then the IPv6 table's. Visiting every part in turn sees every entry present
+    /// throughout, without copying the table (a table sync streams it this way).
+    pub fn for_each_in_part(&self, part: usize, mut f: impl FnMut(Entry)) {
+        if part < SHARDS {
+            self.v4.for_each_in_shard(part, |s| f(v4_entry(s)));
+        } else {
+            self.v6.for_each_in_shard(part - SHARDS, |s| f(v6_entry(s)));
+        }
+    }
+
     /// Every entry of `owner`, for a table sync.
     pub fn entries_of(&self, owner: MemberId) -> Vec<(Connection, Action)> {
         let mut v = Vec::with_capacity(self.count_of(owner, Action::Forward) + self.count_of(owner, Action::Bypass));
@@ -701,6 +727,11 @@ impl ConnectionTable {
     /// Calls `f` for every local entry.
     pub fn for_each(&self, f: impl FnMut(Entry)) {
         self.db.for_each(f)
+    }
+
+    /// Calls `f` for every local entry of one part, as [`ConnectionDatabase::for_each_in_part`].
+    pub fn for_each_in_part(&self, part: usize, f: impl FnMut(Entry)) {
+        self.db.for_each_in_part(part, f)
     }
 
     /// Number of local connections.

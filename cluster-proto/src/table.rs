@@ -44,12 +44,20 @@ impl Slots {
     }
 }
 
+/// What a shard's writers share under its mutex: the occupied slot count and the current
+/// array (the same one `slots` publishes to readers; kept here so that a writer needs no
+/// atomic reference counting to reach it).
+struct Writer {
+    len: usize,
+    slots: Arc<Slots>,
+}
+
 #[repr(align(64))]
 struct Shard {
     seq: AtomicU64,
     slots: ArcSwap<Slots>,
-    /// Number of occupied slots; the mutex serializes writers of this shard.
-    writer: Mutex<usize>,
+    /// The mutex serializes writers of this shard.
+    writer: Mutex<Writer>,
 }
 
 /// A sharded concurrent hash table of `W`-word slots with lock-free reads.
@@ -84,10 +92,13 @@ impl<const W: usize> FlowTable<W> {
         use std::hash::{BuildHasher, RandomState};
         let seed = RandomState::new().hash_one(0x5eed_u64) | 1;
         let shards = (0..SHARDS)
-            .map(|_| Shard {
-                seq: AtomicU64::new(0),
-                slots: ArcSwap::from_pointee(Slots::new(MIN_CAP, W)),
-                writer: Mutex::new(0),
+            .map(|_| {
+                let slots = Arc::new(Slots::new(MIN_CAP, W));
+                Shard {
+                    seq: AtomicU64::new(0),
+                    slots: ArcSwap::new(slots.clone()),
+                    writer: Mutex::new(Writer { len: 0, slots }),
+                }
             })
             .collect();
         FlowTable { shards, seed }
@@ -151,26 +162,29 @@ impl<const W: usize> FlowTable<W> {
     pub fn upsert(&self, slot: [u64; W]) -> Option<[u64; W]> {
         let h = self.hash(&slot);
         let shard = self.shard(h);
-        let mut len = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut slots = shard.slots.load_full();
-        if let Some(i) = probe::<W>(&slots.words, &slot, h) {
-            let old = read_slot::<W>(&slots.words, i);
-            write_begin(shard);
-            slots.words[i * W + W - 1].store(slot[W - 1], Ordering::Relaxed);
-            write_end(shard);
-            return Some(old);
-        }
-        let cap = slots.words.len() / W;
-        if (*len + 1) * 100 > cap * MAX_LOAD_PCT {
-            slots = self.rebuild(shard, &slots, (cap * 3 / 2).max(MIN_CAP), |_| true);
-        }
-        let i = free_slot::<W>(&slots.words, h);
+        let mut w = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let free = match find::<W>(&w.slots.words, &slot, h) {
+            Ok(i) => {
+                let words = &w.slots.words;
+                let old = read_slot::<W>(words, i);
+                write_begin(shard);
+                words[i * W + W - 1].store(slot[W - 1], Ordering::Relaxed);
+                write_end(shard);
+                return Some(old);
+            }
+            Err(free) => free,
+        };
+        let cap = w.slots.words.len() / W;
+        let i = if (w.len + 1) * 100 > cap * MAX_LOAD_PCT {
+            self.rebuild(shard, &mut w, (cap * 3 / 2).max(MIN_CAP), |_| true);
+            free_slot::<W>(&w.slots.words, h)
+        } else {
+            free
+        };
         write_begin(shard);
-        for (k, &w) in slot.iter().enumerate() {
-            slots.words[i * W + k].store(w, Ordering::Relaxed);
-        }
+        store_slot::<W>(&w.slots.words, i, &slot);
         write_end(shard);
-        *len += 1;
+        w.len += 1;
         None
     }
 
@@ -179,20 +193,20 @@ impl<const W: usize> FlowTable<W> {
     pub fn remove_if(&self, key: &[u64; W], allow: impl FnOnce(&[u64; W]) -> bool) -> Option<([u64; W], bool)> {
         let h = self.hash(key);
         let shard = self.shard(h);
-        let mut len = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let slots = shard.slots.load_full();
-        let i = probe::<W>(&slots.words, key, h)?;
-        let old = read_slot::<W>(&slots.words, i);
+        let mut w = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let i = find::<W>(&w.slots.words, key, h).ok()?;
+        let old = read_slot::<W>(&w.slots.words, i);
         if !allow(&old) {
             return Some((old, false));
         }
         write_begin(shard);
-        self.delete_at(&slots.words, i);
+        self.delete_at(&w.slots.words, i);
         write_end(shard);
-        *len -= 1;
-        let cap = slots.words.len() / W;
-        if cap > MIN_CAP && *len * 100 < cap * MIN_LOAD_PCT {
-            self.rebuild(shard, &slots, (*len * 2).max(MIN_CAP), |_| true);
+        w.len -= 1;
+        let cap = w.slots.words.len() / W;
+        if cap > MIN_CAP && w.len * 100 < cap * MIN_LOAD_PCT {
+            let smaller = (w.len * 2).max(MIN_CAP);
+            self.rebuild(shard, &mut w, smaller, |_| true);
         }
         Some((old, true))
     }
@@ -202,11 +216,10 @@ impl<const W: usize> FlowTable<W> {
     pub fn purge(&self, mut drop: impl FnMut(&[u64; W]) -> bool) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let mut len = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let slots = shard.slots.load_full();
+            let mut w = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
             let mut doomed = 0;
             let mut keep = Vec::new();
-            for_each_slot::<W>(&slots.words, |s| {
+            for_each_slot::<W>(&w.slots.words, |s| {
                 if drop(&s) {
                     doomed += 1;
                 } else {
@@ -222,8 +235,10 @@ impl<const W: usize> FlowTable<W> {
                 let i = free_slot::<W>(&fresh.words, self.hash(s));
                 store_slot::<W>(&fresh.words, i, s);
             }
-            shard.slots.store(Arc::new(fresh));
-            *len = keep.len();
+            let fresh = Arc::new(fresh);
+            shard.slots.store(fresh.clone());
+            w.slots = fresh;
+            w.len = keep.len();
             removed += doomed;
         }
         removed
@@ -232,15 +247,23 @@ impl<const W: usize> FlowTable<W> {
     /// Calls `f` with every slot. Writers of a shard wait while it is visited; readers never do.
     pub fn for_each(&self, mut f: impl FnMut(&[u64; W])) {
         for shard in self.shards.iter() {
-            let _guard = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let slots = shard.slots.load();
-            for_each_slot::<W>(&slots.words, |s| f(&s));
+            let w = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
+            for_each_slot::<W>(&w.slots.words, |s| f(&s));
         }
+    }
+
+    /// Calls `f` with every slot of shard `shard` (below [`SHARDS`]), as one consistent view:
+    /// the shard's writers wait meanwhile. A table visited shard by shard this way sees every
+    /// slot present throughout the visit, whatever growth happens in between.
+    pub fn for_each_in_shard(&self, shard: usize, mut f: impl FnMut(&[u64; W])) {
+        let shard = &self.shards[shard];
+        let w = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
+        for_each_slot::<W>(&w.slots.words, |s| f(&s));
     }
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| *s.writer.lock().unwrap_or_else(|e| e.into_inner())).sum()
+        self.shards.iter().map(|s| s.writer.lock().unwrap_or_else(|e| e.into_inner()).len).sum()
     }
 
     /// True when the table holds no entry.
@@ -254,10 +277,11 @@ impl<const W: usize> FlowTable<W> {
         arrays + self.shards.len() * std::mem::size_of::<Shard>()
     }
 
-    /// Builds a bigger or smaller array holding the slots `keep` accepts, and publishes it.
-    fn rebuild(&self, shard: &Shard, old: &Slots, cap: usize, mut keep: impl FnMut(&[u64; W]) -> bool) -> Arc<Slots> {
+    /// Builds a bigger or smaller array holding the slots `keep` accepts, and publishes it
+    /// (shard's writer lock held).
+    fn rebuild(&self, shard: &Shard, w: &mut Writer, cap: usize, mut keep: impl FnMut(&[u64; W]) -> bool) {
         let fresh = Slots::new(cap, W);
-        for_each_slot::<W>(&old.words, |s| {
+        for_each_slot::<W>(&w.slots.words, |s| {
             if keep(&s) {
                 let i = free_slot::<W>(&fresh.words, self.hash(&s));
                 store_slot::<W>(&fresh.words, i, &s);
@@ -266,13 +290,13 @@ impl<const W: usize> FlowTable<W> {
         let fresh = Arc::new(fresh);
         // Readers of the old array still see a consistent table: it is never written again.
         shard.slots.store(fresh.clone());
-        fresh
+        w.slots = fresh;
     }
 
     /// Backward-shift deletion for linear probing (no tombstones).
     fn delete_at(&self, words: &[AtomicU64], mut i: usize) {
         let cap = words.len() / W;
-        let mut j = (i + 1) % cap;
+        let mut j = next(i, cap);
         loop {
             let s = read_slot::<W>(words, j);
             if s[W - 1] == 0 {
@@ -285,7 +309,7 @@ impl<const W: usize> FlowTable<W> {
                 store_slot::<W>(words, i, &s);
                 i = j;
             }
-            j = (j + 1) % cap;
+            j = next(j, cap);
         }
         store_slot::<W>(words, i, &[0; W]);
     }
@@ -342,11 +366,41 @@ fn probe<const W: usize>(words: &[AtomicU64], key: &[u64; W], h: u64) -> Option<
     None
 }
 
+/// The slot after `i` in probing order (no division on the probing path).
+#[inline]
+fn next(i: usize, cap: usize) -> usize {
+    if i + 1 == cap {
+        0
+    } else {
+        i + 1
+    }
+}
+
+/// Writers (lock held): the slot holding `key`, or else the free slot where its probe ended,
+/// which is where an insert puts it.
+#[inline]
+fn find<const W: usize>(words: &[AtomicU64], key: &[u64; W], h: u64) -> Result<usize, usize> {
+    let cap = words.len() / W;
+    let want = key[W - 1] & KEY_MASK;
+    let mut i = home(h, cap);
+    loop {
+        let last = words[i * W + W - 1].load(Ordering::Relaxed);
+        if last == 0 {
+            return Err(i);
+        }
+        if last & KEY_MASK == want && (0..W - 1).all(|k| words[i * W + k].load(Ordering::Relaxed) == key[k]) {
+            return Ok(i);
+        }
+        // The load bound keeps a free slot in every array, so this ends.
+        i = next(i, cap);
+    }
+}
+
 fn free_slot<const W: usize>(words: &[AtomicU64], h: u64) -> usize {
     let cap = words.len() / W;
     let mut i = home(h, cap);
     while words[i * W + W - 1].load(Ordering::Relaxed) != 0 {
-        i = (i + 1) % cap;
+        i = next(i, cap);
     }
     i
 }

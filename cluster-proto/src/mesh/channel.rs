@@ -11,7 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{AdvertisementOutcome, CloseSignal, Inner, MeshEvent, Outgoing, PeerState};
-use crate::database::{InstallOutcome, MemberId, RemoveOutcome};
+use crate::database::{InstallOutcome, MemberId, RemoveOutcome, PARTS};
+use crate::flow::{Action, Connection};
 use crate::session::{Admission, CloseReason, Counters, Event, Role, Session};
 use crate::wire::ErrorCode;
 
@@ -83,12 +84,101 @@ impl Silence {
     }
 }
 
+/// Where a table sync being sent stands: the next part of the local table to encode, and
+/// the entries encoded so far.
+struct SyncCursor {
+    part: usize,
+    entries: usize,
+}
+
+/// Encodes the next parts of the local table while few bytes wait for the transport; ends
+/// the table after the last part. Each part is read under the lock that serializes local
+/// changes with their broadcast (module docs of the mesh).
+fn refill_table(inner: &Inner, s: &mut Session, sync: &mut Option<SyncCursor>, table_entries: &mut usize) {
+    let Some(cursor) = sync.as_mut() else { return };
+    if s.pending_bytes() >= super::SYNC_LOW_WATER {
+        return;
+    }
+    let now = Instant::now();
+    let out = inner.outbound.lock().unwrap_or_else(|e| e.into_inner());
+    while cursor.part < PARTS && s.pending_bytes() < super::SYNC_LOW_WATER {
+        inner.local.for_each_in_part(cursor.part, |e| {
+            s.send_table_entry(now, e.action, e.connection);
+            cursor.entries += 1;
+        });
+        cursor.part += 1;
+    }
+    drop(out);
+    if cursor.part == PARTS {
+        *table_entries = cursor.entries;
+        *sync = None;
+        s.end_table();
+    }
+}
+
+/// INSTALLs received in a row, applied together: the peer's slot is checked once, the clocks
+/// read once.
+const INGEST_BATCH: usize = 1024;
+
+/// Applies a batch of INSTALL_CONNECTIONs from the peer (if this channel is its current one),
+/// in order, then empties the batch.
+fn ingest(
+    inner: &Inner,
+    remote: IpAddr,
+    peer: Option<MemberId>,
+    channel: u64,
+    guard: &mut FloodGuard,
+    batch: &mut Vec<(Connection, Action)>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let p = peer.expect("members only");
+    // Held for the whole batch: a purge of the peer's entries waits for it, so none of them
+    // outlives the channel.
+    let slot = inner.slot(p);
+    if slot.current.as_ref().map(|c| c.channel) != Some(channel) {
+        batch.clear();
+        return;
+    }
+    let now = Instant::now();
+    let t = inner.db.now_secs();
+    let listener = inner.install_listener.load();
+    for &(connection, action) in batch.iter() {
+        if let Some(reason) = guard.refuse(inner, p, now) {
+            inner.observer.on_event(&MeshEvent::InstallRefused { peer: remote, reason });
+            continue;
+        }
+        let outcome = inner.db.install_at(&connection, p, action, t);
+        // Our own claim takes part too: recorded first, checked second (the other way round
+        // in Mesh::claim), so one of the two always sees both.
+        if inner.local.lookup(&connection).is_some() {
+            let owner = inner.db.local_claimed(&connection);
+            if owner != inner.me {
+                inner.withdraw(&connection, owner);
+            }
+        }
+        if let Some(listener) = listener.as_ref() {
+            listener(&connection);
+        }
+        let kind = match outcome {
+            InstallOutcome::Replaced { previous_owner, .. } if previous_owner != p => Some("install_replaced"),
+            InstallOutcome::Contested { .. } => Some("install_contested"),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            inner.observer.on_event(&MeshEvent::OwnershipConflict { peer: remote, kind });
+        }
+    }
+    drop(slot);
+    batch.clear();
+}
+
 /// Hands one queued update to the session.
-fn apply(inner: &Inner, remote: IpAddr, s: &mut Session, now: Instant, c: Outgoing, table_entries: &mut usize) {
+fn apply(inner: &Inner, remote: IpAddr, s: &mut Session, now: Instant, c: Outgoing, sync: &mut Option<SyncCursor>) {
     match c {
-        Outgoing::Table(t) => {
-            *table_entries = t.len();
-            s.send_table(now, &t);
+        Outgoing::TableStart => {
+            *sync = Some(SyncCursor { part: 0, entries: 0 });
         }
         Outgoing::Install(a, c) => {
             s.install(now, a, c);
@@ -159,6 +249,8 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut outcome = Outcome::Failed("closed before join");
     let mut joined_at: Option<Instant> = None;
     let mut table_entries = 0usize;
+    let mut sync: Option<SyncCursor> = None;
+    let mut installs: Vec<(Connection, Action)> = Vec::with_capacity(INGEST_BATCH);
     let mut counted = Counters::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut reason = CloseReason::TransportClosed;
@@ -169,7 +261,17 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut delayed: std::collections::VecDeque<(Instant, Outgoing)> = std::collections::VecDeque::new();
 
     'run: loop {
+        refill_table(&inner, &mut s, &mut sync, &mut table_entries);
         while let Some(ev) = s.poll_event() {
+            if let Event::Install { action, connection } = ev {
+                installs.push((connection, action));
+                if installs.len() >= INGEST_BATCH {
+                    ingest(&inner, remote, peer, channel, &mut guard, &mut installs);
+                }
+                continue;
+            }
+            // Updates apply in the order they came: the INSTALLs before this event first.
+            ingest(&inner, remote, peer, channel, &mut guard, &mut installs);
             let now = Instant::now();
             match ev {
                 Event::JoinRequested => {
@@ -212,38 +314,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         });
                     }
                 }
-                Event::Install { action, connection } => {
-                    let p = peer.expect("members only");
-                    let slot = inner.slot(p);
-                    if slot.current.as_ref().map(|c| c.channel) == Some(channel) {
-                        if let Some(reason) = guard.refuse(&inner, p, now) {
-                            inner.observer.on_event(&MeshEvent::InstallRefused { peer: remote, reason });
-                            continue;
-                        }
-                        let outcome = inner.db.install(&connection, p, action);
-                        // Our own claim takes part too: recorded first, checked second (the
-                        // other way round in Mesh::claim), so one of the two always sees both.
-                        if inner.local.lookup(&connection).is_some() {
-                            let owner = inner.db.local_claimed(&connection);
-                            if owner != inner.me {
-                                inner.withdraw(&connection, owner);
-                            }
-                        }
-                        if let Some(listener) = inner.install_listener.load().as_ref() {
-                            listener(&connection);
-                        }
-                        let kind = match outcome {
-                            InstallOutcome::Replaced { previous_owner, .. } if previous_owner != p => {
-                                Some("install_replaced")
-                            }
-                            InstallOutcome::Contested { .. } => Some("install_contested"),
-                            _ => None,
-                        };
-                        if let Some(kind) = kind {
-                            inner.observer.on_event(&MeshEvent::OwnershipConflict { peer: remote, kind });
-                        }
-                    }
-                }
+                Event::Install { .. } => unreachable!("batched above"),
                 Event::Remove { connection, .. } => {
                     let p = peer.expect("members only");
                     let slot = inner.slot(p);
@@ -306,6 +377,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
             }
         }
+        ingest(&inner, remote, peer, channel, &mut guard, &mut installs);
         inner.messages.add_delta(s.counters(), &mut counted);
         if s.is_closed() {
             break 'run;
@@ -397,7 +469,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 let mut n = 0;
                 while let Some(c) = next {
                     if delay.is_zero() {
-                        apply(&inner, remote, &mut s, now, c, &mut table_entries);
+                        apply(&inner, remote, &mut s, now, c, &mut sync);
                     } else {
                         delayed.push_back((now + delay, c));
                     }
@@ -409,7 +481,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 let now = Instant::now();
                 while delayed.front().is_some_and(|d| d.0 <= now) {
                     let (_, c) = delayed.pop_front().expect("checked");
-                    apply(&inner, remote, &mut s, now, c, &mut table_entries);
+                    apply(&inner, remote, &mut s, now, c, &mut sync);
                 }
             }
             // Only wakes the loop: the timers are handled at the top of the next turn.

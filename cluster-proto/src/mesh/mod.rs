@@ -16,8 +16,14 @@
 //! - advertisements (version 2) go only to peers whose channel runs at version 2, and never
 //!   take the last room in a send queue: when a queue is half full they are dropped (they are
 //!   periodic and idempotent), so they never get a peer declared stalled;
-//! - local changes and the snapshot sent to a newly joined peer are serialized by one lock,
-//!   so a peer never misses or reorders an update around its table sync.
+//! - the table sync to a newly joined peer is streamed from the live local table, a part
+//!   (one shard) at a time, each part read under the lock that serializes local changes and
+//!   their broadcast. A change registered before a part is read is in that part; its update,
+//!   queued behind the sync's start, may arrive after the part and says the same; a change
+//!   after the read arrives after the part. Each update states the entry as it is after the
+//!   change, so the peer ends with the table as it is, whatever the interleaving: at worst it
+//!   gets an entry twice, or a REMOVE of an entry it never got. The sender copies nothing:
+//!   it encodes a part only while less than [`SYNC_LOW_WATER`] bytes wait for the transport.
 
 mod admission;
 mod channel;
@@ -40,6 +46,9 @@ use crate::wire::{self, DecodeError, ErrorCode};
 pub use stats::{
     AdvertisementOutcome, AdvertisementStats, MeshEvent, MeshObserver, MessageCounters, NoObserver, PeerInfo, PeerState,
 };
+
+/// A table sync encodes its next part only while fewer bytes than this wait to be written.
+pub const SYNC_LOW_WATER: usize = 256 * 1024;
 
 /// How many times a dialer tries a peer before giving up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +123,9 @@ pub enum MeshError {
 }
 
 enum Outgoing {
-    Table(Vec<(Connection, Action)>),
+    /// Start streaming the local table (a part at a time, from the live table: see the
+    /// channel's sync cursor), before any update queued after this.
+    TableStart,
     Install(Action, Connection),
     Remove(Action, Connection),
     /// Whole advertisement messages, shared by every peer's queue, and how many.
@@ -658,9 +669,11 @@ impl Inner {
         slot.set_state(PeerState::Synchronize);
         drop(slot);
         let mut out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
-        let table = self.local.snapshot();
-        // The queue is new and empty, so the table always fits.
-        let _ = tx.try_send(Outgoing::Table(table));
+        // The queue is new and empty, so the marker always fits. The table is read later, a
+        // part at a time, under this same lock: every change registered before is in what it
+        // reads, and every change after is queued behind the marker too (a duplicate INSTALL
+        // or a REMOVE of an entry never sent; both harmless, see the module docs).
+        let _ = tx.try_send(Outgoing::TableStart);
         out[peer.0 as usize] = Some(Link { channel, version, tx: tx.clone(), close: close.clone() });
         drop(out);
         self.observer.on_event(&MeshEvent::PeerUp { peer: self.addr(peer) });

@@ -479,11 +479,26 @@ impl Session {
     /// SYNCHRONIZE: queues the whole local table. The channel becomes ESTABLISHED when these
     /// bytes have been handed to the transport (at once for an empty table).
     pub fn send_table<'a>(&mut self, now: Instant, table: impl IntoIterator<Item = &'a (Connection, Action)>) {
-        if self.state != State::Synchronize {
-            return;
-        }
         for &(connection, action) in table {
+            self.send_table_entry(now, action, connection);
+        }
+        self.end_table();
+    }
+
+    /// SYNCHRONIZE, a table handed over a part at a time (so the sender never copies it):
+    /// queues one entry of the local table. Updates may be queued in between (with
+    /// [`Session::install`] and [`Session::remove`]); the peer applies everything in order.
+    pub fn send_table_entry(&mut self, now: Instant, action: Action, connection: Connection) {
+        if self.state == State::Synchronize && self.sync_end.is_none() {
             self.queue(now, Message::InstallConnection { action, connection });
+        }
+    }
+
+    /// The whole table has been queued ([`Session::send_table_entry`]): the channel becomes
+    /// ESTABLISHED once these bytes have been handed to the transport.
+    pub fn end_table(&mut self) {
+        if self.state != State::Synchronize || self.sync_end.is_some() {
+            return;
         }
         self.sync_end = Some(self.queued_total);
         self.check_established();
