@@ -240,6 +240,40 @@ fn cli_flows_peers_install_remove_and_metrics() {
     .unwrap();
     assert_eq!(status, 400);
     assert!(body.contains("IPv4"), "{body}");
+
+    // Many at once: an array, all checked before any is registered.
+    let before = b.flows("").total;
+    let (status, body) = lb::client::request(
+        a.admin,
+        "POST",
+        "/connections",
+        Some(r#"[{"protocol":"tcp","src":"192.0.2.7:1","dst":"203.0.113.9:80"},{"protocol":"sctp","src":"192.0.2.7:2","dst":"203.0.113.9:80"}]"#),
+    )
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("connection 1") && body.contains("none registered"), "{body}");
+    let many: Vec<String> = (0..300)
+        .map(|i| format!(r#"{{"protocol":"udp","src":"192.0.2.7:{}","dst":"203.0.113.9:53"}}"#, 1000 + i))
+        .collect();
+    let many = format!("[{}]", many.join(","));
+    let (status, body) = lb::client::request(a.admin, "POST", "/connections", Some(&many)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["installed"].as_u64(), v["unchanged"].as_u64(), v["lost"].as_u64()), (Some(300), Some(0), Some(0)));
+    wait_until("the array reached b", Duration::from_secs(5), || b.flows("").total == before + 300);
+    let (_, body) = lb::client::request(a.admin, "POST", "/connections", Some(&many)).unwrap();
+    assert!(body.contains("\"unchanged\":300"), "{body}");
+    // Too many in one array, or a body over the limit: refused whole, with a JSON error.
+    let item = r#"{"protocol":"udp","src":"192.0.2.8:1","dst":"203.0.113.9:53"}"#;
+    let over = format!("[{}]", vec![item; lb::admin::MAX_BATCH + 1].join(","));
+    let (status, body) = lb::client::request(a.admin, "POST", "/connections", Some(&over)).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("at most 100000"), "{body}");
+    let huge = format!("[{}]", vec![item; lb::admin::MAX_BODY / item.len() + 1].join(","));
+    let (status, body) = lb::client::request(a.admin, "POST", "/connections", Some(&huge)).unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert!(body.starts_with("{\"error\"") && body.contains("length limit"), "{body}");
+    assert_eq!(b.flows("").total, before + 300, "nothing of a refused array registered");
 }
 
 #[test]

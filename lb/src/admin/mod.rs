@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -56,7 +57,16 @@ pub fn router(state: AdminState) -> Router {
                 "method not allowed on this path (POST and DELETE on /connections, GET elsewhere)",
             )
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// Largest request body accepted (room for a [`MAX_BATCH`] array with IPv6 addresses).
+pub const MAX_BODY: usize = 16 << 20;
+
+/// The JSON error refusing a body that could not be read (413 over [`MAX_BODY`]).
+fn body_refused(e: BytesRejection) -> Response {
+    error(e.status(), format!("{} (at most {MAX_BODY} bytes)", e.body_text()))
 }
 
 /// Binds `listen` and serves the API, within `limits`, until `shutdown` resolves.
@@ -312,19 +322,38 @@ pub struct ConnectionRequest {
     pub action: Option<String>,
 }
 
+impl ConnectionRequest {
+    /// The connection and action asked for; the error is the message for a 400 answer.
+    fn parse(&self) -> Result<(Connection, Action), String> {
+        let protocol: Protocol = self.protocol.parse()?;
+        let action: Action = match self.action.as_deref() {
+            None => Action::Forward,
+            Some(a) => a.parse()?,
+        };
+        let c = Connection::new(protocol, self.src, self.dst).map_err(|e| e.to_string())?;
+        Ok((c, action))
+    }
+}
+
 /// Parses a connection request; the error is the message for a 400 answer.
 fn parse_request(body: &Bytes) -> Result<(Connection, Action), String> {
     let r: ConnectionRequest = serde_json::from_slice(body).map_err(|e| format!("bad body: {e}"))?;
-    let protocol: Protocol = r.protocol.parse()?;
-    let action: Action = match r.action.as_deref() {
-        None => Action::Forward,
-        Some(a) => a.parse()?,
-    };
-    let c = Connection::new(protocol, r.src, r.dst).map_err(|e| e.to_string())?;
-    Ok((c, action))
+    r.parse()
 }
 
-async fn install(State(s): State<AdminState>, body: Bytes) -> Response {
+/// At most this many connections in one `POST /connections` array.
+pub const MAX_BATCH: usize = 100_000;
+
+/// `POST /connections`: one connection (an object), or many (an array of them, registered
+/// off the async runtime; all are checked before any is registered).
+async fn install(State(s): State<AdminState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_refused(e),
+    };
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return install_many(s, body).await;
+    }
     match parse_request(&body) {
         Err(e) => error(StatusCode::BAD_REQUEST, e),
         Ok((c, action)) => {
@@ -349,7 +378,53 @@ async fn install(State(s): State<AdminState>, body: Bytes) -> Response {
     }
 }
 
-async fn remove(State(s): State<AdminState>, body: Bytes) -> Response {
+/// The array form of `POST /connections`: answers 200 with how many were installed, were
+/// already there, and lost to another member's claim (the first few of those named).
+async fn install_many(s: AdminState, body: Bytes) -> Response {
+    let requests: Vec<ConnectionRequest> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad body: {e}")),
+    };
+    if requests.len() > MAX_BATCH {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{} connections in one request; at most {MAX_BATCH}", requests.len()),
+        );
+    }
+    let mut parsed = Vec::with_capacity(requests.len());
+    for (i, r) in requests.into_iter().enumerate() {
+        match r.parse() {
+            Ok(c) => parsed.push(c),
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("connection {i}: {e}; none registered")),
+        }
+    }
+    let mesh = s.mesh.clone();
+    let tally = tokio::task::spawn_blocking(move || {
+        let (mut installed, mut unchanged, mut lost) = (0usize, 0usize, Vec::new());
+        for (c, action) in parsed {
+            match mesh.claim(c, action) {
+                Claim::Installed => installed += 1,
+                Claim::Unchanged => unchanged += 1,
+                Claim::Lost { owner } => lost.push((c, owner)),
+            }
+        }
+        (installed, unchanged, lost)
+    })
+    .await;
+    let Ok((installed, unchanged, lost)) = tally else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "the registration task failed");
+    };
+    let named: Vec<String> =
+        lost.iter().take(10).map(|(c, owner)| format!("{c} is claimed by member {owner}, whose claim wins")).collect();
+    Json(serde_json::json!({ "installed": installed, "unchanged": unchanged, "lost": lost.len(), "lost_first": named }))
+        .into_response()
+}
+
+async fn remove(State(s): State<AdminState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_refused(e),
+    };
     match parse_request(&body) {
         Err(e) => error(StatusCode::BAD_REQUEST, e),
         Ok((c, _)) => match s.mesh.remove(&c) {
