@@ -343,6 +343,51 @@ async fn flood_guard_caps_the_entries_of_one_member() {
     b.shutdown(Duration::from_secs(1)).await;
 }
 
+#[derive(Default)]
+struct RateRefusals(std::sync::atomic::AtomicUsize);
+
+impl cluster_proto::mesh::MeshObserver for RateRefusals {
+    fn on_event(&self, e: &cluster_proto::mesh::MeshEvent) {
+        if matches!(e, cluster_proto::mesh::MeshEvent::InstallRefused { reason: "rate_limit", .. }) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The token bucket: a burst of max_entries_per_member passes, then max_install_rate per
+/// second, even while the peer's entries stay far below the cap (INSTALLs applied in batches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_guard_limits_the_install_rate_below_the_cap() {
+    let port = free_port();
+    let addrs = [lo(73), lo(74)];
+    let refusals = Arc::new(RateRefusals::default());
+    let mut cfg = MeshConfig::uniform(addrs[0], port, &addrs, session(100), Retries::Infinite);
+    cfg.max_entries_per_member = 1000;
+    cfg.max_install_rate = 1;
+    let a = Mesh::start(cfg, refusals.clone()).await.unwrap();
+    let b = start(addrs[1], port, &addrs).await;
+    wait_until_async("mesh up", Duration::from_secs(10), || a.live_members().len() == 2 && b.live_members().len() == 2)
+        .await;
+    for i in 0..1000 {
+        b.install(conn(74, i), Action::Forward);
+    }
+    wait_until_async("the burst passes", Duration::from_secs(5), || a.database().len() == 1000).await;
+    for i in 0..1000 {
+        b.remove(&conn(74, i));
+    }
+    wait_until_async("removed", Duration::from_secs(5), || a.database().is_empty()).await;
+    for i in 1000..1500 {
+        b.install(conn(74, i), Action::Forward);
+    }
+    wait_until_async("the rest refused at 1 per second", Duration::from_secs(5), || {
+        refusals.0.load(std::sync::atomic::Ordering::Relaxed) + a.database().len() == 500
+    })
+    .await;
+    assert!(a.database().len() <= 10, "at most a few tokens came back: {} passed", a.database().len());
+    a.shutdown(Duration::from_secs(1)).await;
+    b.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_peer_is_cut_off_without_holding_back_the_others() {
     let port = free_port();

@@ -40,7 +40,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::flow::{Action, Connection, Protocol};
-use crate::table::{FlowTable, KEY_MASK, OCCUPIED, SHARDS};
+use crate::table::{FlowTable, Upsert, KEY_MASK, OCCUPIED, SHARDS};
 
 /// Index of a cluster member in the sorted membership list; the owner of an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -233,6 +233,71 @@ struct Contest {
     local: bool,
 }
 
+/// One family's share of [`ConnectionDatabase::install_many`].
+struct Family<'a> {
+    items: &'a [(Connection, Action)],
+    owner: MemberId,
+    now_secs: u32,
+    maps: &'a [MutexGuard<'a, HashMap<LookupKey, Contest>>],
+}
+
+impl Family<'_> {
+    /// Writes the items `idx` (all of `table`'s family) a shard at a time: an uncontested new
+    /// entry, or the owner's own entry again, is written at once (its outcome and count change
+    /// recorded); an item whose key is contested or held by another member is deferred.
+    #[allow(clippy::too_many_arguments)]
+    fn write<const W: usize>(
+        &self,
+        table: &FlowTable<W>,
+        idx: &[usize],
+        slot: fn(&Connection, MemberId, Action, u32) -> [u64; W],
+        key: fn(&[u64; W]) -> LookupKey,
+        outcomes: &mut [InstallOutcome],
+        delta: &mut [i64; 2],
+        deferred: &mut Vec<usize>,
+    ) {
+        if idx.is_empty() {
+            return;
+        }
+        let slots: Vec<[u64; W]> =
+            idx.iter().map(|&i| slot(&self.items[i].0, self.owner, self.items[i].1, self.now_secs)).collect();
+        let mut later = Vec::new();
+        table.upsert_where(
+            &slots,
+            |k, current| {
+                let i = idx[k];
+                let action = self.items[i].1;
+                let contest = key(&slots[k]);
+                let map = &self.maps[stripe_of(&contest)];
+                if !map.is_empty() && map.contains_key(&contest) {
+                    return Upsert::Defer;
+                }
+                let b = |a: Action| (a == Action::Bypass) as usize;
+                match current.map(|s| s[W - 1]) {
+                    None => {
+                        outcomes[i] = InstallOutcome::New;
+                        delta[b(action)] += 1;
+                    }
+                    Some(m) if owner_of(m) == self.owner => {
+                        let previous = action_of(m);
+                        outcomes[i] = if previous == action {
+                            InstallOutcome::Unchanged
+                        } else {
+                            delta[b(previous)] -= 1;
+                            delta[b(action)] += 1;
+                            InstallOutcome::Replaced { previous_owner: self.owner, previous_action: previous }
+                        };
+                    }
+                    Some(_) => return Upsert::Defer,
+                }
+                Upsert::Write
+            },
+            &mut later,
+        );
+        deferred.extend(later.into_iter().map(|k| idx[k]));
+    }
+}
+
 /// The contest map key: the connection's key words, direction-independent.
 fn contest_key(c: &Connection) -> LookupKey {
     match LookupKey::of(c) {
@@ -412,6 +477,66 @@ impl ConnectionDatabase {
     ) -> InstallOutcome {
         let key = contest_key(connection);
         let mut map = self.stripe(&key);
+        self.install_locked(&mut map, key, connection, owner, action, now_secs)
+    }
+
+    /// Records `owner`'s claims on `items` as [`ConnectionDatabase::install_at`] would, one
+    /// after the other, but with every stripe lock taken once and the table written a shard
+    /// at a time (a table sync's INSTALLs arrive this way). `outcomes` gets one outcome per
+    /// item, in order. A claim that meets a contest or another member's entry goes the way
+    /// of a single install.
+    pub fn install_many(
+        &self,
+        items: &[(Connection, Action)],
+        owner: MemberId,
+        now_secs: u32,
+        outcomes: &mut Vec<InstallOutcome>,
+    ) {
+        outcomes.clear();
+        outcomes.resize(items.len(), InstallOutcome::Unchanged);
+        // Every stripe, in index order (no other path holds two), before any shard lock.
+        let mut maps: Vec<_> = self.contests.iter().map(|m| m.lock().unwrap_or_else(|e| e.into_inner())).collect();
+        let mut delta = [0i64; 2];
+        let mut deferred = Vec::new();
+        let (v4, v6): (Vec<usize>, Vec<usize>) = (0..items.len()).partition(|&i| items[i].0.is_ipv4());
+        let family = Family { items, owner, now_secs, maps: &maps };
+        family.write(
+            &self.v4,
+            &v4,
+            v4_slot,
+            |s| LookupKey::V4([s[0], s[1] & KEY_MASK]),
+            outcomes,
+            &mut delta,
+            &mut deferred,
+        );
+        family.write(
+            &self.v6,
+            &v6,
+            v6_slot,
+            |s| LookupKey::V6([s[0], s[1], s[2], s[3], s[4] & KEY_MASK]),
+            outcomes,
+            &mut delta,
+            &mut deferred,
+        );
+        self.count(owner, Action::Forward, delta[0]);
+        self.count(owner, Action::Bypass, delta[1]);
+        for i in deferred {
+            let (connection, action) = &items[i];
+            let key = contest_key(connection);
+            outcomes[i] = self.install_locked(&mut maps[stripe_of(&key)], key, connection, owner, *action, now_secs);
+        }
+    }
+
+    /// [`ConnectionDatabase::install_at`] with the key's stripe locked (`map`).
+    fn install_locked(
+        &self,
+        map: &mut HashMap<LookupKey, Contest>,
+        key: LookupKey,
+        connection: &Connection,
+        owner: MemberId,
+        action: Action,
+        now_secs: u32,
+    ) -> InstallOutcome {
         // Uncontested (the common case, and the whole of a table sync): no lookup in the map.
         if map.is_empty() || !map.contains_key(&key) {
             let prev = self.write_main(&Claim { connection: *connection, owner, action }, now_secs);
@@ -429,14 +554,14 @@ impl ConnectionDatabase {
                 Some(m) => {
                     // Another member's claim was there: put it back, and contest.
                     let previous = self.restore(connection, m);
-                    let contest = self.open(&mut map, key, connection);
+                    let contest = self.open(map, key, connection);
                     contest.claims.retain(|c| c.owner != owner);
                     if !contest.claims.iter().any(|c| c.owner == previous.owner) {
                         contest.claims.push(previous);
                     }
                     contest.claims.push(Claim { connection: *connection, owner, action });
                     let now = self.settle(connection, map.get(&key).expect("open"));
-                    self.tidy(&mut map, &key);
+                    self.tidy(map, &key);
                     return match now {
                         Some(o) if o == owner => InstallOutcome::Replaced {
                             previous_owner: previous.owner,
@@ -454,7 +579,7 @@ impl ConnectionDatabase {
         contest.claims.retain(|c| c.owner != owner);
         contest.claims.push(Claim { connection: *connection, owner, action });
         let now = self.settle(connection, map.get(&key).expect("contested"));
-        self.tidy(&mut map, &key);
+        self.tidy(map, &key);
         match (now, before) {
             _ if unchanged => InstallOutcome::Unchanged,
             (Some(o), Some((po, pa, _))) if o == owner => {
@@ -953,6 +1078,50 @@ mod tests {
             proptest::prop_assert_eq!(&a, &b);
             // The counts agree with the table.
             proptest::prop_assert_eq!(a.1.iter().sum::<usize>(), a.2);
+        }
+
+        /// A batch of one peer's claims (a table sync's INSTALLs, with repeats, action changes,
+        /// contests and this member's own claims already there) does what the same installs
+        /// do one at a time: the same outcomes, table and counts.
+        #[test]
+        fn install_many_is_installs_one_at_a_time(
+            before in proptest::collection::vec((0u8..4, 0usize..40, proptest::bool::ANY), 0..80),
+            local in proptest::collection::vec(0usize..40, 0..10),
+            batch in proptest::collection::vec((0usize..40, proptest::bool::ANY), 1..300),
+            peer in 1u8..4,
+        ) {
+            let conn = |k: usize| {
+                if k % 3 == 2 {
+                    c(Protocol::Udp, &format!("[2001:db8::{}]:53", k + 1), "[2001:db8::ff]:53")
+                } else {
+                    c(Protocol::Tcp, &format!("192.0.2.{}:{}", k + 1, 1000 + k), "198.51.100.1:80")
+                }
+            };
+            let action = |bypass: bool| if bypass { Action::Bypass } else { Action::Forward };
+            let setup = || {
+                let db = ConnectionDatabase::for_member(MemberId(2));
+                for &(o, k, bypass) in &before {
+                    db.install(&conn(k), MemberId(o), action(bypass));
+                }
+                for &k in &local {
+                    db.local_claimed(&conn(k));
+                }
+                db
+            };
+            let items: Vec<(Connection, Action)> = batch.iter().map(|&(k, b)| (conn(k), action(b))).collect();
+            let (one, many) = (setup(), setup());
+            let t = one.now_secs();
+            let singly: Vec<InstallOutcome> = items.iter().map(|(c, a)| one.install_at(c, MemberId(peer), *a, t)).collect();
+            let mut outcomes = Vec::new();
+            many.install_many(&items, MemberId(peer), t, &mut outcomes);
+            proptest::prop_assert_eq!(&outcomes, &singly);
+            proptest::prop_assert_eq!(many.digest(), one.digest());
+            proptest::prop_assert_eq!(many.contested(), one.contested());
+            for o in 0..4 {
+                for a in [Action::Forward, Action::Bypass] {
+                    proptest::prop_assert_eq!(many.count_of(MemberId(o), a), one.count_of(MemberId(o), a));
+                }
+            }
         }
     }
 }

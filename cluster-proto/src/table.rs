@@ -73,6 +73,36 @@ fn fold_mul(a: u64, b: u64) -> u64 {
 }
 
 #[inline]
+fn shard_index(h: u64) -> usize {
+    (h >> (64 - SHARD_BITS)) as usize
+}
+
+/// How many slots ahead [`FlowTable::upsert_where`] fetches memory.
+const PREFETCH_AHEAD: usize = 4;
+
+/// What [`FlowTable::upsert_where`] does with one slot, as its caller decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsert {
+    /// Write the slot (insert it, or replace the value under its key).
+    Write,
+    /// Leave it and the rest of its shard's slots to the caller.
+    Defer,
+}
+
+/// Starts loading the cache line of the home slot of hash `h` in `words`.
+#[inline]
+fn prefetch_home<const W: usize>(words: &[AtomicU64], h: u64) {
+    let i = home(h, words.len() / W) * W;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching never faults, whatever the address; the index is in bounds anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(words.as_ptr().add(i) as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = i;
+}
+
+#[inline]
 fn home(h: u64, cap: usize) -> usize {
     // Multiply-shift range reduction on the bits below the shard selector, so the capacity
     // need not be a power of two (which keeps memory per entry close to the target).
@@ -117,7 +147,7 @@ impl<const W: usize> FlowTable<W> {
 
     #[inline]
     fn shard(&self, h: u64) -> &Shard {
-        &self.shards[(h >> (64 - SHARD_BITS)) as usize]
+        &self.shards[shard_index(h)]
     }
 
     /// Looks a key up; returns the whole slot. Never blocks: retries only while a writer of
@@ -146,15 +176,7 @@ impl<const W: usize> FlowTable<W> {
     #[inline]
     pub fn prefetch(&self, key: &[u64; W]) {
         let h = self.hash(key);
-        let slots = self.shard(h).slots.load();
-        let i = home(h, slots.words.len() / W) * W;
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetching never faults, whatever the address; the index is in bounds anyway.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch(slots.words.as_ptr().add(i) as *const i8, std::arch::x86_64::_MM_HINT_T0);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = i;
+        prefetch_home::<W>(&self.shard(h).slots.load().words, h);
     }
 
     /// Inserts `slot`, or replaces the value of the slot with the same key. Returns the
@@ -186,6 +208,78 @@ impl<const W: usize> FlowTable<W> {
         write_end(shard);
         w.len += 1;
         None
+    }
+
+    /// Upserts many slots a shard at a time: each shard's writer lock and sequence are taken
+    /// once for all of its slots, and each slot's memory is fetched a few slots ahead. For
+    /// each slot, in order within its shard, `decide(i, current)` is told what the table
+    /// holds under the same key and says whether to write `slots[i]` or to defer it. A
+    /// deferred slot and every later slot of its shard are left untouched and appended to
+    /// `deferred`, in order, for the caller to apply one at a time afterwards (slots of
+    /// different shards have different keys, so only the order within a shard matters).
+    pub fn upsert_where(
+        &self,
+        slots: &[[u64; W]],
+        mut decide: impl FnMut(usize, Option<[u64; W]>) -> Upsert,
+        deferred: &mut Vec<usize>,
+    ) {
+        let hashes: Vec<u64> = slots.iter().map(|s| self.hash(s)).collect();
+        // A counting sort of the slots by shard, stable, so each key's slots keep their order.
+        let mut start = vec![0usize; SHARDS + 1];
+        for &h in &hashes {
+            start[shard_index(h) + 1] += 1;
+        }
+        for i in 0..SHARDS {
+            start[i + 1] += start[i];
+        }
+        let mut next_at = start.clone();
+        let mut order = vec![0usize; slots.len()];
+        for (i, &h) in hashes.iter().enumerate() {
+            let sh = shard_index(h);
+            order[next_at[sh]] = i;
+            next_at[sh] += 1;
+        }
+        for (sh, shard) in self.shards.iter().enumerate() {
+            let group = &order[start[sh]..start[sh + 1]];
+            if group.is_empty() {
+                continue;
+            }
+            let mut w = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
+            for &i in group.iter().take(PREFETCH_AHEAD) {
+                prefetch_home::<W>(&w.slots.words, hashes[i]);
+            }
+            write_begin(shard);
+            for (g, &i) in group.iter().enumerate() {
+                if let Some(&ahead) = group.get(g + PREFETCH_AHEAD) {
+                    prefetch_home::<W>(&w.slots.words, hashes[ahead]);
+                }
+                let (slot, h) = (&slots[i], hashes[i]);
+                let found = find::<W>(&w.slots.words, slot, h);
+                let current = found.ok().map(|j| read_slot::<W>(&w.slots.words, j));
+                if decide(i, current) == Upsert::Defer {
+                    deferred.extend_from_slice(&group[g..]);
+                    break;
+                }
+                match found {
+                    Ok(j) => w.slots.words[j * W + W - 1].store(slot[W - 1], Ordering::Relaxed),
+                    Err(free) => {
+                        let cap = w.slots.words.len() / W;
+                        let j = if (w.len + 1) * 100 > cap * MAX_LOAD_PCT {
+                            // Readers go on with the old array meanwhile, as in `upsert`.
+                            write_end(shard);
+                            self.rebuild(shard, &mut w, (cap * 3 / 2).max(MIN_CAP), |_| true);
+                            write_begin(shard);
+                            free_slot::<W>(&w.slots.words, h)
+                        } else {
+                            free
+                        };
+                        store_slot::<W>(&w.slots.words, j, slot);
+                        w.len += 1;
+                    }
+                }
+            }
+            write_end(shard);
+        }
     }
 
     /// Removes the slot with this key if `allow` agrees; returns the slot found, and whether
@@ -499,6 +593,52 @@ mod tests {
                 }
             }
             prop_assert_eq!(t.len(), model.len());
+        }
+
+        /// A batch (with repeated keys, growth and deferrals) ends as the same slots applied
+        /// one at a time, and `decide` is always shown what a sequential upsert would replace.
+        #[test]
+        fn upsert_where_is_sequential_upserts(
+            before in proptest::collection::vec((0u64..300, any::<u16>()), 0..200),
+            batch in proptest::collection::vec((0u64..300, any::<u16>()), 1..600),
+        ) {
+            let t = FlowTable::<2>::new();
+            let mut model = HashMap::new();
+            for (k, v) in before {
+                t.upsert(slot(k, v as u64));
+                model.insert(k, v as u64);
+            }
+            let slots: Vec<[u64; 2]> = batch.iter().map(|&(k, v)| slot(k, v as u64)).collect();
+            let mut deferred = Vec::new();
+            let mut shown_wrong = 0;
+            t.upsert_where(&slots, |i, current| {
+                let (k, v) = batch[i];
+                if current.map(|s| s[1] & 0xFFFF) != model.get(&k).copied() {
+                    shown_wrong += 1;
+                }
+                if v % 7 == 0 {
+                    return Upsert::Defer;
+                }
+                model.insert(k, v as u64);
+                Upsert::Write
+            }, &mut deferred);
+            prop_assert_eq!(shown_wrong, 0);
+            for i in deferred {
+                let (k, v) = batch[i];
+                t.upsert(slot(k, v as u64));
+                model.insert(k, v as u64);
+            }
+            let mut sequential = HashMap::new();
+            for &(k, v) in &batch {
+                sequential.insert(k, v as u64);
+            }
+            for (k, v) in &sequential {
+                prop_assert_eq!(model.get(k), Some(v));
+            }
+            prop_assert_eq!(t.len(), model.len());
+            for (k, v) in &model {
+                prop_assert_eq!(t.get(&slot(*k, 0)).map(|s| s[1] & 0xFFFF), Some(*v));
+            }
         }
     }
 }

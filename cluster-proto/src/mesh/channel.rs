@@ -44,6 +44,22 @@ impl FloodGuard {
         FloodGuard { tokens: inner.flood_max_entries.load(Ordering::Relaxed) as f64, last: Instant::now() }
     }
 
+    /// For `n` INSTALLs received at `now`: when even `n` new entries would stay within the
+    /// entry cap, how many of them (the first ones) the token bucket lets pass, exactly as
+    /// [`FloodGuard::refuse`] one at a time would; `None` near the cap (call `refuse`).
+    fn admit(&mut self, inner: &Inner, p: MemberId, now: Instant, n: usize) -> Option<usize> {
+        let max_entries = inner.flood_max_entries.load(Ordering::Relaxed);
+        if entries_of(inner, p) + n > max_entries {
+            return None;
+        }
+        let rate = inner.flood_rate.load(Ordering::Relaxed);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate as f64).min(max_entries as f64);
+        self.last = now;
+        let pass = (self.tokens.max(0.0).floor() as usize).min(n);
+        self.tokens -= pass as f64;
+        Some(pass)
+    }
+
     fn refuse(&mut self, inner: &Inner, p: MemberId, now: Instant) -> Option<&'static str> {
         // Read at every INSTALL: a reload's new limits hold from the next one on.
         let max_entries = inner.flood_max_entries.load(Ordering::Relaxed);
@@ -118,7 +134,7 @@ fn refill_table(inner: &Inner, s: &mut Session, sync: &mut Option<SyncCursor>, t
 
 /// INSTALLs received in a row, applied together: the peer's slot is checked once, the clocks
 /// read once.
-const INGEST_BATCH: usize = 1024;
+const INGEST_BATCH: usize = 4096;
 
 /// Applies a batch of INSTALL_CONNECTIONs from the peer (if this channel is its current one),
 /// in order, then empties the batch.
@@ -144,22 +160,17 @@ fn ingest(
     let now = Instant::now();
     let t = inner.db.now_secs();
     let listener = inner.install_listener.load();
-    for &(connection, action) in batch.iter() {
-        if let Some(reason) = guard.refuse(inner, p, now) {
-            inner.observer.on_event(&MeshEvent::InstallRefused { peer: remote, reason });
-            continue;
-        }
-        let outcome = inner.db.install_at(&connection, p, action, t);
+    let installed = |connection: &Connection, outcome: InstallOutcome| {
         // Our own claim takes part too: recorded first, checked second (the other way round
         // in Mesh::claim), so one of the two always sees both.
-        if inner.local.lookup(&connection).is_some() {
-            let owner = inner.db.local_claimed(&connection);
+        if inner.local.lookup(connection).is_some() {
+            let owner = inner.db.local_claimed(connection);
             if owner != inner.me {
-                inner.withdraw(&connection, owner);
+                inner.withdraw(connection, owner);
             }
         }
         if let Some(listener) = listener.as_ref() {
-            listener(&connection);
+            listener(connection);
         }
         let kind = match outcome {
             InstallOutcome::Replaced { previous_owner, .. } if previous_owner != p => Some("install_replaced"),
@@ -168,6 +179,29 @@ fn ingest(
         };
         if let Some(kind) = kind {
             inner.observer.on_event(&MeshEvent::OwnershipConflict { peer: remote, kind });
+        }
+    };
+    match guard.admit(inner, p, now, batch.len()) {
+        // Far from the entry cap: the first `n` pass the rate limit, and go in at once.
+        Some(n) => {
+            for _ in n..batch.len() {
+                inner.observer.on_event(&MeshEvent::InstallRefused { peer: remote, reason: "rate_limit" });
+            }
+            let mut outcomes = Vec::with_capacity(n);
+            inner.db.install_many(&batch[..n], p, t, &mut outcomes);
+            for (&(connection, _), &outcome) in batch[..n].iter().zip(&outcomes) {
+                installed(&connection, outcome);
+            }
+        }
+        // Near it: one at a time, each checked against the cap.
+        None => {
+            for &(connection, action) in batch.iter() {
+                if let Some(reason) = guard.refuse(inner, p, now) {
+                    inner.observer.on_event(&MeshEvent::InstallRefused { peer: remote, reason });
+                    continue;
+                }
+                installed(&connection, inner.db.install_at(&connection, p, action, t));
+            }
         }
     }
     drop(slot);
