@@ -50,6 +50,11 @@ fn sync(c: &mut Criterion) {
                     while a.peers()[0].state == PeerState::Established {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
+                    // kill() only signals the tasks: wait (untimed) until the killed b's
+                    // listener is gone, so the next b can bind its address.
+                    while std::net::TcpListener::bind((addrs[1], port)).is_err() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                     took
                 });
             }
