@@ -19,7 +19,7 @@ fn sync(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let addrs = [IpAddr::V4(Ipv4Addr::new(127, 0, 0, 61)), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 62))];
-    let session = SessionConfig { version: 1, keepalive: Duration::from_secs(1), dead_after: 3 };
+    let session = SessionConfig { version: 1, keepalive: Duration::from_secs(1), dead_after: 3, restart_time: 0 };
     let cfg = |me| {
         let mut m = MeshConfig::uniform(me, port, &addrs, session, Retries::Infinite);
         m.backoff_min = Duration::from_millis(5);

@@ -108,7 +108,7 @@ fn four_full_reads_of_a_big_table_stream_without_silencing_the_member() {
     // the member (before, the reads silenced it for 3.75 s).
     let d = Daemon::start_with(me, port, &[me, peer], 500, "", &[]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3 };
+    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3, restart_time: 0 };
     let mut cfg = MeshConfig::uniform(peer, port, &[me, peer], session, Retries::Infinite);
     cfg.send_queue = 1 << 22;
     let mesh = rt.block_on(async { Mesh::start(cfg, Arc::new(NoObserver)).await.unwrap() });

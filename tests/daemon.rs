@@ -430,7 +430,7 @@ fn sighup_applies_live_keys_and_refuses_the_rest_by_name() {
     wait_until("admin API up", Duration::from_secs(10), || lb::client::request(admin, "GET", "/peers", None).is_ok());
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3 };
+    let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3, restart_time: 0 };
     let mesh = rt.block_on(async {
         Mesh::start(MeshConfig::uniform(peer, port, &[me, peer], session, Retries::Infinite), Arc::new(NoObserver))
             .await

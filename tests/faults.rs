@@ -19,7 +19,7 @@ use common::*;
 use handoff::netns::{veth, Netns};
 
 fn cfg(me: IpAddr, port: u16, members: &[IpAddr]) -> MeshConfig {
-    let s = SessionConfig { version: 1, keepalive: Duration::from_millis(200), dead_after: 3 };
+    let s = SessionConfig { version: 1, keepalive: Duration::from_millis(200), dead_after: 3, restart_time: 0 };
     let mut c = MeshConfig::uniform(me, port, members, s, Retries::Infinite);
     c.backoff_min = Duration::from_millis(20);
     c.backoff_max = Duration::from_millis(200);

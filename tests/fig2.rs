@@ -503,7 +503,9 @@ fn run_fig2(f: &'static Fam) {
     let busiest = (0..3).max_by_key(|&i| owned[i]).unwrap();
     let (o4, w4) = round(&t, &logs, |n| {
         if n == 4 {
-            farm.u[busiest].as_mut().unwrap().terminate();
+            // Taken out of service (SIGUSR2): its peers purge its flows at once, where a
+            // SIGTERM would have them kept, stale, for its restart time.
+            farm.u[busiest].as_mut().unwrap().leave_for_good();
         }
     });
     farm.u[busiest] = None;

@@ -13,7 +13,7 @@ use cluster_proto::{Action, Connection, Protocol};
 use common::*;
 
 fn session(keepalive_ms: u64) -> SessionConfig {
-    SessionConfig { version: 2, keepalive: Duration::from_millis(keepalive_ms), dead_after: 3 }
+    SessionConfig { version: 2, keepalive: Duration::from_millis(keepalive_ms), dead_after: 3, restart_time: 0 }
 }
 
 fn conn(owner: usize, i: usize) -> Connection {

@@ -17,7 +17,7 @@ use common::*;
 type Received = Arc<Mutex<Vec<(MemberId, Vec<u8>)>>>;
 
 async fn start_v(me: IpAddr, port: u16, members: &[IpAddr], version: u8) -> Mesh {
-    let session = SessionConfig { version, keepalive: Duration::from_millis(100), dead_after: 3 };
+    let session = SessionConfig { version, keepalive: Duration::from_millis(100), dead_after: 3, restart_time: 0 };
     Mesh::start(MeshConfig::uniform(me, port, members, session, Retries::Infinite), Arc::new(NoObserver))
         .await
         .expect("mesh starts")

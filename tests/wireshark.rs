@@ -54,7 +54,9 @@ fn v6_body() -> Vec<u8> {
 }
 
 const PEER_JOIN_1: [u8; 4] = [3, 1, 1, 0];
-const PEER_JOIN_2: [u8; 4] = [3, 1, 2, 0];
+/// Version 2 carries the sender's graceful-restart time in byte 3 (the client: 60 s).
+const PEER_JOIN_2: [u8; 4] = [3, 1, 2, 60];
+const PEER_JOIN_2_NO_RESTART: [u8; 4] = [3, 1, 2, 0];
 const PEER_LEAVE_NONE: [u8; 4] = [3, 3, 0, 0];
 const PEER_LEAVE_BAD_MESSAGE: [u8; 4] = [3, 3, 3, 0];
 const PEER_REJECT_NOT_A_MEMBER: [u8; 4] = [3, 4, 1, 0];
@@ -336,7 +338,7 @@ fn capture() -> (Vec<u8>, Frames) {
     // A version-2 channel over IPv6.
     let mut c = Conn::open(&mut p, "[2001:db8::11]:40003", "[2001:db8::12]:7400");
     f.v2_join_a = c.c(&mut p, &PEER_JOIN_2);
-    f.v2_join_b = c.s(&mut p, &PEER_JOIN_2);
+    f.v2_join_b = c.s(&mut p, &PEER_JOIN_2_NO_RESTART);
     f.v2_adverts = c.c(&mut p, &[dict_stats_v4(), LOAD.to_vec()].concat());
     let dict6 = dict_stats_v6();
     f.v2_dict_head = c.s(&mut p, &dict6[..7]);
@@ -579,6 +581,7 @@ const CTL_FIELDS: &[&str] = &[
     "lbctl.family",
     "lbctl.version",
     "lbctl.error",
+    "lbctl.restart_time",
     "lbctl.reserved",
     "lbctl.srcport",
     "lbctl.dstport",
@@ -739,11 +742,11 @@ fn tshark_decodes_the_control_protocol_and_the_chain_hello() {
         ("lbctl.type", "3"),
         ("lbctl.sync", "1"),
         ("lbctl.version", "2"),
-        ("lbctl.reserved", "00"),
+        ("lbctl.reserved", ""),
         ("lbctl.length", "4"),
     ];
-    e(f.v2_join_a, &join2);
-    e(f.v2_join_b, &[&join2[..], &[("lbctl.channel_version", "")]].concat());
+    e(f.v2_join_a, &[&join2[..], &[("lbctl.restart_time", "60")]].concat());
+    e(f.v2_join_b, &[&join2[..], &[("lbctl.channel_version", ""), ("lbctl.restart_time", "0")]].concat());
     e(
         f.v2_adverts,
         &[

@@ -579,6 +579,11 @@ impl ConnectionDatabase {
         contest.claims.retain(|c| c.owner != owner);
         contest.claims.push(Claim { connection: *connection, owner, action });
         let now = self.settle(connection, map.get(&key).expect("contested"));
+        if now == Some(owner) && self.main_of(connection).is_some_and(|(o, a, _)| o == owner && a == action) {
+            // The owner's claim again: its install time is refreshed, as uncontested (a
+            // graceful restart's stale mark goes).
+            self.write_main(&Claim { connection: *connection, owner, action }, now_secs);
+        }
         self.tidy(map, &key);
         match (now, before) {
             _ if unchanged => InstallOutcome::Unchanged,
@@ -616,6 +621,17 @@ impl ConnectionDatabase {
     pub fn remove(&self, connection: &Connection, owner: MemberId) -> RemoveOutcome {
         let key = contest_key(connection);
         let mut map = self.stripe(&key);
+        self.remove_locked(&mut map, key, connection, owner)
+    }
+
+    /// [`ConnectionDatabase::remove`] with the key's stripe locked (`map`).
+    fn remove_locked(
+        &self,
+        map: &mut HashMap<LookupKey, Contest>,
+        key: LookupKey,
+        connection: &Connection,
+        owner: MemberId,
+    ) -> RemoveOutcome {
         let Some(contest) = map.get_mut(&key) else {
             let allow = |m: u64| owner_of(m) == owner;
             let r = if connection.is_ipv4() {
@@ -649,7 +665,7 @@ impl ConnectionDatabase {
         } else {
             self.settle(connection, map.get(&key).expect("contested"));
         }
-        self.tidy(&mut map, &key);
+        self.tidy(map, &key);
         RemoveOutcome::Removed
     }
 
@@ -726,6 +742,49 @@ impl ConnectionDatabase {
             }
         }
         n
+    }
+
+    /// Graceful restart: marks every entry of `owner` stale, keeping it, by giving it one
+    /// install time no fresh install can have for 12 days (the second before now). Entries
+    /// the owner installs again get the current time. Returns the stamp for
+    /// [`ConnectionDatabase::purge_stale`] and how many entries it marked.
+    pub fn mark_stale(&self, owner: MemberId) -> (u32, usize) {
+        let stamp = self.now_secs().wrapping_sub(1) & TIME_MASK as u32;
+        let restamp = |m: u64| (owner_of(m) == owner).then_some((m & !TIME_MASK) | stamp as u64);
+        let n = self.v4.update(|s| restamp(s[1])) + self.v6.update(|s| restamp(s[4]));
+        (stamp, n)
+    }
+
+    /// Graceful restart, at the end of the grace period: removes the entries of `owner` still
+    /// marked with `stamp` (not installed again since [`ConnectionDatabase::mark_stale`]),
+    /// each as its REMOVE would (a waiting claim takes over). Returns how many.
+    pub fn purge_stale(&self, owner: MemberId, stamp: u32) -> usize {
+        let is_stale = |m: u64| owner_of(m) == owner && (m & TIME_MASK) as u32 == stamp;
+        let mut doomed = Vec::new();
+        self.v4.for_each(|s| {
+            if is_stale(s[1]) {
+                doomed.push(v4_entry(s).connection);
+            }
+        });
+        self.v6.for_each(|s| {
+            if is_stale(s[4]) {
+                doomed.push(v6_entry(s).connection);
+            }
+        });
+        let mut removed = 0;
+        for c in doomed {
+            let key = contest_key(&c);
+            let mut map = self.stripe(&key);
+            // Checked again under the stripe lock: an install since the scan refreshed it.
+            let still = match LookupKey::of(&c) {
+                LookupKey::V4(k) => self.v4.get(&k).is_some_and(|s| is_stale(s[1])),
+                LookupKey::V6(k) => self.v6.get(&k).is_some_and(|s| is_stale(s[4])),
+            };
+            if still && self.remove_locked(&mut map, key, &c, owner) == RemoveOutcome::Removed {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Calls `f` for every entry.
@@ -1026,6 +1085,39 @@ mod tests {
         // When the winner goes, the waiting higher claim takes over.
         db.remove(&conn, MemberId(1));
         assert_eq!(db.owner_of(&conn), Some((MemberId(5), Action::Forward)));
+    }
+
+    /// Graceful restart: a restarting owner's entries stay, marked stale; those it installs
+    /// again lose the mark; the rest go at the end of the grace period, each as its REMOVE
+    /// would (a waiting claim takes over a contested one).
+    #[test]
+    fn stale_entries_not_installed_again_are_purged() {
+        let db = ConnectionDatabase::new();
+        let conn = |i: u16| c(Protocol::Tcp, &format!("192.0.2.1:{}", 1000 + i), "198.51.100.1:80");
+        for i in 0..100 {
+            db.install(&conn(i), MemberId(1), if i % 2 == 0 { Action::Forward } else { Action::Bypass });
+        }
+        // Contested: member 1 owns 200 (lower id), 3 waits; member 1 owns 201, 3 waits.
+        for i in [200, 201] {
+            db.install(&conn(i), MemberId(3), Action::Forward);
+            db.install(&conn(i), MemberId(1), Action::Forward);
+            assert_eq!(db.owner_of(&conn(i)), Some((MemberId(1), Action::Forward)));
+        }
+        let (stamp, marked) = db.mark_stale(MemberId(1));
+        assert_eq!(marked, 102);
+        assert_eq!(db.count_of(MemberId(1), Action::Forward) + db.count_of(MemberId(1), Action::Bypass), 102, "kept");
+        for i in 0..40 {
+            db.install(&conn(i), MemberId(1), Action::Forward);
+        }
+        db.install(&conn(201), MemberId(1), Action::Forward);
+        db.install(&conn(500), MemberId(1), Action::Forward);
+        assert_eq!(db.purge_stale(MemberId(1), stamp), 60 + 1);
+        assert!(db.lookup(&conn(50)).is_none() && db.lookup(&conn(10)).is_some() && db.lookup(&conn(500)).is_some());
+        assert_eq!(db.owner_of(&conn(200)), Some((MemberId(3), Action::Forward)), "the waiting claim took over");
+        assert_eq!(db.owner_of(&conn(201)), Some((MemberId(1), Action::Forward)), "claimed again: kept");
+        assert_eq!(db.count_of(MemberId(1), Action::Forward), 40 + 2);
+        assert_eq!(db.count_of(MemberId(1), Action::Bypass), 0);
+        assert_eq!(db.purge_stale(MemberId(1), stamp), 0, "nothing stale left");
     }
 
     proptest::proptest! {

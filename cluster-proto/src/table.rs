@@ -338,6 +338,29 @@ impl<const W: usize> FlowTable<W> {
         removed
     }
 
+    /// Rewrites the value bits of slots in place: `f` returns a slot's new last word, which
+    /// must keep its key bits ([`KEY_MASK`]). Returns how many slots changed.
+    pub fn update(&self, mut f: impl FnMut(&[u64; W]) -> Option<u64>) -> usize {
+        let mut changed = 0;
+        for shard in self.shards.iter() {
+            let w = shard.writer.lock().unwrap_or_else(|e| e.into_inner());
+            write_begin(shard);
+            for i in 0..w.slots.words.len() / W {
+                let s = read_slot::<W>(&w.slots.words, i);
+                if s[W - 1] == 0 {
+                    continue;
+                }
+                if let Some(last) = f(&s) {
+                    assert_eq!(last & KEY_MASK, s[W - 1] & KEY_MASK, "update must keep the key");
+                    w.slots.words[i * W + W - 1].store(last, Ordering::Relaxed);
+                    changed += 1;
+                }
+            }
+            write_end(shard);
+        }
+        changed
+    }
+
     /// Calls `f` with every slot. Writers of a shard wait while it is visited; readers never do.
     pub fn for_each(&self, mut f: impl FnMut(&[u64; W])) {
         for shard in self.shards.iter() {

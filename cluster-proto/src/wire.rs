@@ -250,6 +250,9 @@ impl ErrorCode {
     pub const STALLED: ErrorCode = ErrorCode(5);
     /// No PEER_JOIN arrived in time.
     pub const JOIN_TIMEOUT: ErrorCode = ErrorCode(6);
+    /// Version 2: the sender stops to restart; keep its entries, stale, for the restart time
+    /// it announced in its PEER_JOIN.
+    pub const RESTARTING: ErrorCode = ErrorCode(7);
 
     /// A short stable name for logs and metric labels.
     pub fn name(self) -> &'static str {
@@ -261,6 +264,7 @@ impl ErrorCode {
             4 => "duplicate_channel",
             5 => "stalled",
             6 => "join_timeout",
+            7 => "restarting",
             _ => "unknown",
         }
     }
@@ -299,6 +303,10 @@ pub enum Message {
     PeerJoin {
         /// Protocol version the sender speaks.
         version: u8,
+        /// Byte 3. Version 2: the sender's restart time in seconds (graceful restart: how
+        /// long its peers keep its entries when it restarts), 0 for none. Version 1: reserved,
+        /// sent as 0 and ignored.
+        restart_time: u8,
     },
     /// PEER_KEEPALIVE: the sender is alive.
     PeerKeepalive,
@@ -387,7 +395,9 @@ impl Message {
             Message::RemoveConnection { action, connection } => {
                 encode_connection(message_type::REMOVE_CONNECTION, action, &connection, out)
             }
-            Message::PeerJoin { version } => out.extend_from_slice(&[3, peer_sync::PEER_JOIN, version, 0]),
+            Message::PeerJoin { version, restart_time } => {
+                out.extend_from_slice(&[3, peer_sync::PEER_JOIN, version, restart_time])
+            }
             Message::PeerKeepalive => out.extend_from_slice(&[3, peer_sync::PEER_KEEPALIVE, 0, 0]),
             Message::PeerLeave { code } => out.extend_from_slice(&[3, peer_sync::PEER_LEAVE, code.0, 0]),
             Message::PeerReject { code } => out.extend_from_slice(&[3, peer_sync::PEER_REJECT, code.0, 0]),
@@ -450,7 +460,7 @@ impl Message {
             }
             message_type::CLUSTER_PEER_SYNC => {
                 let msg = match a {
-                    peer_sync::PEER_JOIN => Message::PeerJoin { version: b2 },
+                    peer_sync::PEER_JOIN => Message::PeerJoin { version: b2, restart_time: b3 },
                     peer_sync::PEER_KEEPALIVE => Message::PeerKeepalive,
                     peer_sync::PEER_LEAVE => Message::PeerLeave { code: ErrorCode(b2) },
                     peer_sync::PEER_REJECT => Message::PeerReject { code: ErrorCode(b2) },
@@ -508,7 +518,9 @@ mod tests {
             (Message::RemoveConnection { action: Action::Bypass, connection: c4 }, with([2, 2, 6, 1], &v4_body)),
             (Message::InstallConnection { action: Action::Forward, connection: c6 }, with([1, 1, 17, 2], &v6_body)),
             (Message::RemoveConnection { action: Action::Bypass, connection: c6 }, with([2, 2, 17, 2], &v6_body)),
-            (Message::PeerJoin { version: 1 }, vec![3, 1, 1, 0]),
+            (Message::PeerJoin { version: 1, restart_time: 0 }, vec![3, 1, 1, 0]),
+            (Message::PeerJoin { version: 2, restart_time: 60 }, vec![3, 1, 2, 60]),
+            (Message::PeerLeave { code: ErrorCode::RESTARTING }, vec![3, 3, 7, 0]),
             (Message::PeerKeepalive, vec![3, 2, 0, 0]),
             (Message::PeerLeave { code: ErrorCode::NONE }, vec![3, 3, 0, 0]),
             (Message::PeerLeave { code: ErrorCode::BAD_MESSAGE }, vec![3, 3, 3, 0]),
@@ -627,7 +639,7 @@ mod tests {
                 .prop_map(|(action, connection)| Message::InstallConnection { action, connection }),
             (action, arb_connection())
                 .prop_map(|(action, connection)| Message::RemoveConnection { action, connection }),
-            any::<u8>().prop_map(|version| Message::PeerJoin { version }),
+            (any::<u8>(), any::<u8>()).prop_map(|(version, restart_time)| Message::PeerJoin { version, restart_time }),
             Just(Message::PeerKeepalive),
             any::<u8>().prop_map(|c| Message::PeerLeave { code: ErrorCode(c) }),
             any::<u8>().prop_map(|c| Message::PeerReject { code: ErrorCode(c) }),

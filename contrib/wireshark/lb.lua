@@ -136,6 +136,7 @@ local error_codes = {
     [4] = "duplicate_channel",
     [5] = "stalled",
     [6] = "join_timeout",
+    [7] = "restarting",
 }
 local versions = { [1] = "version 1 (the paper's format)", [2] = "version 2 (DICT_STATS, LOAD)" }
 
@@ -149,6 +150,7 @@ local pf = {
     version = ProtoField.uint8("lbctl.version", "Version", base.DEC, versions),
     error = ProtoField.uint8("lbctl.error", "Error Code", base.DEC, error_codes),
     reserved = ProtoField.bytes("lbctl.reserved", "Reserved"),
+    restart_time = ProtoField.uint8("lbctl.restart_time", "Restart Time (s)", base.DEC),
     srcport = ProtoField.uint16("lbctl.srcport", "Source Port", base.DEC),
     dstport = ProtoField.uint16("lbctl.dstport", "Destination Port", base.DEC),
     src = ProtoField.ipv4("lbctl.src", "Source Address"),
@@ -172,7 +174,7 @@ local pf = {
     undecoded = ProtoField.bytes("lbctl.undecoded", "Undecodable Bytes"),
 }
 lbctl.fields = {
-    pf.type, pf.action, pf.sync, pf.adv_action, pf.protocol, pf.family, pf.version, pf.error,
+    pf.type, pf.action, pf.sync, pf.adv_action, pf.protocol, pf.family, pf.version, pf.error, pf.restart_time,
     pf.reserved, pf.srcport, pf.dstport, pf.src, pf.dst, pf.src6, pf.dst6, pf.member, pf.epoch,
     pf.client_plen, pf.server_plen, pf.count, pf.record, pf.rec_client, pf.rec_client6,
     pf.rec_server, pf.rec_server6, pf.rec_saved, pf.load, pf.length, pf.channel_version,
@@ -377,9 +379,17 @@ local function dissect_message(tvb, pinfo, tree, offset, len, conv, dir)
         local b2 = r(2, 1):uint()
         if a == PEER_JOIN then
             t:add(pf.version, r(2, 1))
-            t:add(pf.reserved, r(3, 1))
+            if b2 >= 2 then
+                -- Version 2: the sender's graceful-restart time (0: none).
+                t:add(pf.restart_time, r(3, 1))
+            else
+                t:add(pf.reserved, r(3, 1))
+            end
             note_join(pinfo, conv, dir, pos, b2)
             summary = string.format("PEER_JOIN version %d", b2)
+            if b2 >= 2 and r(3, 1):uint() > 0 then
+                summary = summary .. string.format(", restart time %d s", r(3, 1):uint())
+            end
             if b2 ~= 1 and b2 ~= 2 then
                 t:add_proto_expert_info(ex.bad_version, string.format("PEER_JOIN version %d: lb speaks 1 and 2", b2))
             end
@@ -393,7 +403,7 @@ local function dissect_message(tvb, pinfo, tree, offset, len, conv, dir)
             summary = string.format("%s %s (%d)", sync_actions[a], name, b2)
             if not error_codes[b2] then
                 t:add_proto_expert_info(ex.unknown_code)
-            elseif b2 ~= 0 then
+            elseif b2 ~= 0 and b2 ~= 7 then
                 t:add_proto_expert_info(ex.refusal, string.format("%s: %s", sync_actions[a], name))
             end
         end

@@ -32,7 +32,7 @@ fn conn(owner: usize, i: u64) -> Connection {
 }
 
 async fn start(addr: IpAddr, port: u16, addrs: &[IpAddr]) -> Mesh {
-    let s = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3 };
+    let s = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3, restart_time: 0 };
     loop {
         match Mesh::start(MeshConfig::uniform(addr, port, addrs, s, Retries::Infinite), Arc::new(NoObserver)).await {
             Ok(m) => return m,

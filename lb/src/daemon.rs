@@ -10,7 +10,8 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-/// Runs a member until SIGTERM or SIGINT, then leaves the cluster with PEER_LEAVE. `path` is
+/// Runs a member until SIGTERM or SIGINT (leave to restart) or SIGUSR2 (leave for good), then
+/// leaves the cluster with PEER_LEAVE. `path` is
 /// the file `config` came from: SIGHUP reloads it (see [`reload_on_hangup`]).
 pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_descriptor_limit();
@@ -116,6 +117,10 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
     // SIGHUP must not end the member (its default action), whatever the reload does.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())?;
+    // SIGTERM and SIGINT stop to restart (peers keep this member's entries for its restart
+    // time, version 2); SIGUSR2 takes the member out for good (they purge them at once).
+    let mut for_good = false;
     ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!("ready");
     let status = format!("member {} of {}, ready", mesh.address(), mesh.members().len());
@@ -139,6 +144,11 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
                 tracing::info!("SIGINT: leaving the cluster");
                 break;
             }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: leaving the cluster for good (peers purge this member's entries at once)");
+                for_good = true;
+                break;
+            }
             _ = hangup.recv() => {
                 let bypass = dataplane.as_ref().map(|d| &d.bypass);
                 reload_on_hangup(path.as_deref(), &mut config, &mesh, steering.as_deref(), bypass);
@@ -157,7 +167,11 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     drop(_proxy_rules);
-    mesh.shutdown(Duration::from_secs(2)).await;
+    if for_good {
+        mesh.leave_for_good(Duration::from_secs(2)).await;
+    } else {
+        mesh.shutdown(Duration::from_secs(2)).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
     if let Some(task) = metrics_listener {
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;

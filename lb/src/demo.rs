@@ -74,7 +74,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let addrs: Vec<IpAddr> = (1..=3).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
     let port = free_port()?;
     let admin_port = free_port()?;
-    let session = SessionConfig { version: 2, keepalive: Duration::from_millis(200), dead_after: 3 };
+    let session = SessionConfig { version: 2, keepalive: Duration::from_millis(200), dead_after: 3, restart_time: 0 };
     println!("lb demo: a 3-member cluster on 127.0.0.1-3, control port {port}, keepalive 200 ms x 3");
     // Control channels use mutual TLS with a CA made for this run (lb gen-certs does the same
     // for real clusters).

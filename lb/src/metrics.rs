@@ -19,8 +19,9 @@ pub const BUILD_COMMIT: &str = env!("LB_BUILD_COMMIT");
 
 /// Reasons a joined channel is lost (`lb_peer_down_total`): the names of
 /// [`cluster_proto::session::CloseReason`] that can end a joined channel.
-pub const PEER_DOWN_REASONS: [&str; 13] = [
+pub const PEER_DOWN_REASONS: [&str; 14] = [
     "peer_left",
+    "peer_restarting",
     "peer_left_bad_message",
     "peer_left_duplicate_channel",
     "peer_left_stalled",
@@ -237,6 +238,11 @@ const REJECTS: Def = Def {
 };
 const PEER_DOWN: Def =
     Def { name: "lb_peer_down_total", help: "Peer channels lost, by reason.", labels: &["peer", "reason"] };
+const STALE_PURGED: Def = Def {
+    name: "lb_stale_entries_purged_total",
+    help: "Entries of a gracefully restarting peer purged at the end of its grace period (not sent again).",
+    labels: &["peer"],
+};
 const CONFLICTS: Def = Def {
     name: "lb_ownership_conflicts_total",
     help: "INSTALLs that replaced another member's entry, REMOVEs by a non-owner (ignored).",
@@ -322,6 +328,7 @@ pub struct Metrics {
     mesh: OnceLock<()>,
     rejects: IntCounterVec,
     peer_down: IntCounterVec,
+    stale_purged: IntCounterVec,
     conflicts: IntCounterVec,
     refused: IntCounterVec,
     installs_refused: IntCounterVec,
@@ -362,6 +369,7 @@ impl Metrics {
         }
         Arc::new(Metrics {
             peer_down: PEER_DOWN.counter_vec(&registry),
+            stale_purged: STALE_PURGED.counter_vec(&registry),
             installs_refused: INSTALLS_REFUSED.counter_vec(&registry),
             registry,
             mesh: OnceLock::new(),
@@ -391,6 +399,7 @@ impl Metrics {
                 for r in PEER_DOWN_REASONS {
                     self.peer_down.with_label_values(&[&peer, r]).inc_by(0);
                 }
+                self.stale_purged.with_label_values(&[&peer]).inc_by(0);
                 for r in INSTALL_REFUSED_REASONS {
                     self.installs_refused.with_label_values(&[&peer, r]).inc_by(0);
                 }
@@ -618,6 +627,9 @@ impl MeshObserver for Metrics {
         match e {
             MeshEvent::PeerDown { peer, reason, .. } => {
                 self.peer_down.with_label_values(&[peer.to_string().as_str(), reason]).inc()
+            }
+            MeshEvent::StalePurged { peer, purged } => {
+                self.stale_purged.with_label_values(&[peer.to_string().as_str()]).inc_by(*purged as u64)
             }
             MeshEvent::TableSent { duration, .. } => self.table_sync.observe(duration.as_secs_f64()),
             MeshEvent::Reject { code, sent, .. } => {

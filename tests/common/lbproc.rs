@@ -78,17 +78,30 @@ impl LbProcess {
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
     }
 
-    /// SIGTERM, and a bounded wait for a clean exit (status 0).
+    /// SIGTERM (stop to restart: version-2 peers keep its entries for its restart time), and
+    /// a bounded wait for a clean exit (status 0).
+    #[allow(dead_code)]
     pub fn terminate(&mut self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// SIGUSR2 (leave for good: the peers purge its entries at once), and a bounded wait for
+    /// a clean exit (status 0).
+    #[allow(dead_code)]
+    pub fn leave_for_good(&mut self) {
+        self.stop_with(libc::SIGUSR2);
+    }
+
+    fn stop_with(&mut self, sig: i32) {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, sig) };
         let t0 = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "lb exits 0 on SIGTERM: {status:?}\n{}", self.log());
+                assert!(status.success(), "lb exits 0 on signal {sig}: {status:?}\n{}", self.log());
                 return;
             }
-            assert!(t0.elapsed() < WAIT, "lb did not exit on SIGTERM");
+            assert!(t0.elapsed() < WAIT, "lb did not exit on signal {sig}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -14,7 +14,7 @@ use super::{AdvertisementOutcome, CloseSignal, Inner, MeshEvent, Outgoing, PeerS
 use crate::database::{InstallOutcome, MemberId, RemoveOutcome, PARTS};
 use crate::flow::{Action, Connection};
 use crate::session::{Admission, CloseReason, Counters, Event, Role, Session};
-use crate::wire::ErrorCode;
+use crate::wire::{self, ErrorCode};
 
 /// Messages taken from the queue in one go.
 const BATCH: usize = 4096;
@@ -310,7 +310,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             match ev {
                 Event::JoinRequested => {
                     let p = peer.expect("only members get JoinRequested");
-                    if inner.join(p, channel, role, s.version(), &tx, &close) {
+                    if inner.join(p, channel, role, s.version(), s.peer_restart_time(), &tx, &close) {
                         s.accept(now);
                         current = true;
                         outcome = Outcome::WasCurrent;
@@ -324,7 +324,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Event::Joined => {
                     if role == Role::Initiator {
                         let p = peer.expect("initiators dial members");
-                        if inner.join(p, channel, role, s.version(), &tx, &close) {
+                        if inner.join(p, channel, role, s.version(), s.peer_restart_time(), &tx, &close) {
                             current = true;
                             outcome = Outcome::WasCurrent;
                             joined_at = Some(now);
@@ -471,7 +471,11 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     reason = CloseReason::Left(ErrorCode::NONE);
                     break 'run;
                 }
-                s.leave(Instant::now(), ErrorCode::NONE);
+                // Announced a restart time on this channel: the peer keeps our entries.
+                let restarting = s.version() >= wire::VERSION_2
+                    && inner.session_config(None).restart_time > 0
+                    && !inner.for_good.load(Ordering::Acquire);
+                s.leave(Instant::now(), if restarting { ErrorCode::RESTARTING } else { ErrorCode::NONE });
             }
             // One write-side operation at a time: write the head of the unsent bytes, or
             // flush (TLS records) once they are all written. Each is cancel-safe.

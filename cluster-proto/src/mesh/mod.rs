@@ -172,6 +172,8 @@ struct Link {
 struct Current {
     channel: u64,
     version: u8,
+    /// The restart time the peer announced in its PEER_JOIN (version 2), in seconds.
+    restart_time: u8,
     lower_initiated: bool,
     role: Role,
     close: Arc<CloseSignal>,
@@ -184,6 +186,16 @@ struct PeerSlot {
     connect_failures: u32,
     last_close: Option<String>,
     channels_lost: u64,
+    /// Graceful restart: the peer's entries are kept, stale, until then.
+    grace: Option<Grace>,
+}
+
+/// A peer's graceful restart in progress (protocol.md, "Graceful restart").
+#[derive(Clone, Copy)]
+struct Grace {
+    /// Which grace period (a newer one replaces it, and its end does nothing).
+    id: u64,
+    until: Instant,
 }
 
 impl PeerSlot {
@@ -228,6 +240,9 @@ struct Inner {
     active_channels: AtomicUsize,
     idle: Notify,
     killed: std::sync::atomic::AtomicBool,
+    /// Set by [`Mesh::leave_for_good`]: the shutdown's PEER_LEAVE is 0 (purge at once) even
+    /// where a restart time was announced.
+    for_good: std::sync::atomic::AtomicBool,
     /// The flood guard's limits, from `config` at start and changed by
     /// [`Mesh::set_flood_guard`] (a reload).
     flood_max_entries: AtomicUsize,
@@ -313,6 +328,7 @@ impl Mesh {
                         connect_failures: 0,
                         last_close: None,
                         channels_lost: 0,
+                        grace: None,
                     })
                 })
                 .collect(),
@@ -327,6 +343,7 @@ impl Mesh {
             active_channels: AtomicUsize::new(0),
             idle: Notify::new(),
             killed: false.into(),
+            for_good: false.into(),
             flood_max_entries: AtomicUsize::new(config.max_entries_per_member),
             flood_rate: config.max_install_rate.into(),
             install_listener: arc_swap::ArcSwapOption::empty(),
@@ -543,13 +560,26 @@ impl Mesh {
                     keepalive_timeouts: inner.keepalive_timeouts[i].load(Ordering::Relaxed),
                     channels_lost: slot.channels_lost,
                     max_silence_ms: inner.max_silence_ms[i].load(Ordering::Relaxed),
+                    restart_grace_left_ms: slot
+                        .grace
+                        .map(|g| g.until.saturating_duration_since(Instant::now()).as_millis() as u64),
                 }
             })
             .collect()
     }
 
-    /// Leaves the cluster: PEER_LEAVE(0) on every channel, then waits (at most `grace`) for
-    /// the channels to flush and close.
+    /// Leaves the cluster for good: as [`Mesh::shutdown`], but with PEER_LEAVE(0) on every
+    /// channel, so the peers purge this member's entries at once instead of keeping them for
+    /// its restart time (a member taken out of service).
+    pub async fn leave_for_good(&self, grace: Duration) {
+        self.inner.for_good.store(true, Ordering::Release);
+        self.shutdown(grace).await
+    }
+
+    /// Leaves the cluster: PEER_LEAVE on every channel, then waits (at most `grace`) for the
+    /// channels to flush and close. The code is 7 (restarting) on version-2 channels when this
+    /// member announced a restart time (its peers keep its entries, stale, for that long), 0
+    /// otherwise.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.shutdown.send_replace(true);
         let wait = async {
@@ -634,12 +664,14 @@ impl Inner {
     /// Decides whether a channel that just completed its join becomes the peer's current one
     /// (tie-break in the module docs). On success the channel is registered for updates and
     /// the local table snapshot is queued first.
+    #[allow(clippy::too_many_arguments)]
     fn join(
-        &self,
+        self: &Arc<Self>,
         peer: MemberId,
         channel: u64,
         role: Role,
         version: u8,
+        restart_time: u8,
         tx: &mpsc::Sender<Outgoing>,
         close: &Arc<CloseSignal>,
     ) -> bool {
@@ -659,10 +691,17 @@ impl Inner {
             }
             // Supersede: the peer restarted, or this channel is the preferred one.
             cur.close.fire(ErrorCode::DUPLICATE_CHANNEL);
-            let purged = self.db.purge_owner(peer);
-            tracing::info!(peer = %self.addr(peer), purged, "control channel superseded by a new one");
+            if cur.version >= wire::VERSION_2 && cur.restart_time > 0 {
+                // A graceful restarter dialed in before its old channel closed: keep its
+                // entries, stale, until the new channel's sync has sent them again.
+                let secs = cur.restart_time;
+                self.keep_stale(&mut slot, peer, secs, "control channel superseded by a new one");
+            } else {
+                let purged = self.db.purge_owner(peer);
+                tracing::info!(peer = %self.addr(peer), purged, "control channel superseded by a new one");
+            }
         }
-        slot.current = Some(Current { channel, version, lower_initiated, role, close: close.clone() });
+        slot.current = Some(Current { channel, version, restart_time, lower_initiated, role, close: close.clone() });
         self.max_silence_ms[peer.0 as usize].store(0, Ordering::Relaxed);
         self.membership.fetch_add(1, Ordering::AcqRel);
         slot.connect_failures = 0;
@@ -696,18 +735,28 @@ impl Inner {
         }
     }
 
-    /// A channel closed; if it was current, purge the peer's entries.
-    fn channel_closed(&self, peer: MemberId, channel: u64, reason: &'static str) {
+    /// A channel closed; if it was current, purge the peer's entries, or keep them stale
+    /// when the peer restarts gracefully (it announced a restart time on a version-2 channel,
+    /// and left with PEER_LEAVE(restarting) or its transport closed; a dead peer is purged).
+    fn channel_closed(self: &Arc<Self>, peer: MemberId, channel: u64, reason: &'static str) {
         let mut slot = self.slot(peer);
-        if slot.current.as_ref().map(|c| c.channel) != Some(channel) {
+        let Some(cur) = slot.current.take_if(|c| c.channel == channel) else {
             return;
-        }
-        slot.current = None;
+        };
         self.membership.fetch_add(1, Ordering::AcqRel);
         slot.channels_lost += 1;
         slot.last_close = Some(reason.to_string());
         slot.set_state(PeerState::Down);
-        let purged = self.db.purge_owner(peer);
+        let graceful = cur.version >= wire::VERSION_2
+            && cur.restart_time > 0
+            && matches!(reason, "peer_restarting" | "transport_closed");
+        let purged = if graceful {
+            self.keep_stale(&mut slot, peer, cur.restart_time, reason);
+            0
+        } else {
+            slot.grace = None;
+            self.db.purge_owner(peer)
+        };
         drop(slot);
         let mut out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
         if out[peer.0 as usize].as_ref().map(|l| l.channel) == Some(channel) {
@@ -716,6 +765,49 @@ impl Inner {
         drop(out);
         self.peer_changed[peer.0 as usize].notify_one();
         self.observer.on_event(&MeshEvent::PeerDown { peer: self.addr(peer), reason, purged });
-        tracing::info!(peer = %self.addr(peer), reason, purged, "peer down, entries purged");
+        if !graceful {
+            tracing::info!(peer = %self.addr(peer), reason, purged, "peer down, entries purged");
+        }
+    }
+
+    /// Graceful restart (slot lock held): marks the peer's entries stale and purges those
+    /// still stale `secs` seconds from now.
+    fn keep_stale(self: &Arc<Self>, slot: &mut PeerSlot, peer: MemberId, secs: u8, reason: &str) {
+        // A grace period already running is replaced: the new mark covers its entries too.
+        let (stamp, kept) = self.db.mark_stale(peer);
+        let grace = Duration::from_secs(secs as u64);
+        let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        slot.grace = Some(Grace { id, until: Instant::now() + grace });
+        tracing::info!(peer = %self.addr(peer), reason, kept, grace_secs = secs,
+            "peer restarting: its entries are kept, stale, until it sends them again or the grace period ends");
+        let inner = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            inner.grace_ended(peer, id, stamp).await;
+        });
+    }
+
+    /// The end of a peer's grace period: the entries it did not send again go.
+    async fn grace_ended(self: Arc<Self>, peer: MemberId, id: u64, stamp: u32) {
+        // Some(n): it did not come back, and everything of it went (waiting claims too).
+        let gone = {
+            let mut slot = self.slot(peer);
+            if slot.grace.map(|g| g.id) != Some(id) {
+                return; // a newer restart's grace, or purged meanwhile
+            }
+            slot.grace = None;
+            slot.current.is_none().then(|| self.db.purge_owner(peer))
+        };
+        let (purged, back) = match gone {
+            Some(n) => (n, false),
+            None => {
+                // It is back: only what its new channel did not send again goes (a scan of
+                // the table, off the runtime).
+                let inner = self.clone();
+                (tokio::task::spawn_blocking(move || inner.db.purge_stale(peer, stamp)).await.unwrap_or(0), true)
+            }
+        };
+        self.observer.on_event(&MeshEvent::StalePurged { peer: self.addr(peer), purged });
+        tracing::info!(peer = %self.addr(peer), purged, back, "graceful restart over: stale entries purged");
     }
 }

@@ -78,12 +78,21 @@ pub enum MeshEvent {
         /// Peer address.
         peer: IpAddr,
     },
-    /// The current channel with the peer closed and its entries were purged.
+    /// The current channel with the peer closed and its entries were purged (or, for a
+    /// graceful restart, kept stale: `purged` is 0 and [`MeshEvent::StalePurged`] follows).
     PeerDown {
         /// Peer address.
         peer: IpAddr,
         /// Why (a [`crate::session::CloseReason`] name).
         reason: &'static str,
+        /// Entries purged.
+        purged: usize,
+    },
+    /// A graceful restart's grace period ended: the peer's entries it did not send again
+    /// were purged.
+    StalePurged {
+        /// Peer address.
+        peer: IpAddr,
         /// Entries purged.
         purged: usize,
     },
@@ -310,4 +319,7 @@ pub struct PeerInfo {
     /// The longest gap, in ms, between bytes received from the peer on its current channel:
     /// the peer is declared dead when it reaches `keepalive_ms * dead_after`.
     pub max_silence_ms: u64,
+    /// Graceful restart in progress: ms left of the grace period during which the peer's
+    /// entries are kept, stale (`None` otherwise).
+    pub restart_grace_left_ms: Option<u64>,
 }

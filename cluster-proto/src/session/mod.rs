@@ -53,11 +53,20 @@ pub struct SessionConfig {
     pub keepalive: Duration,
     /// Number of silent intervals after which the peer is dead (the paper's 3 by default).
     pub dead_after: u32,
+    /// Version 2, graceful restart: the restart time announced in PEER_JOIN, in seconds (how
+    /// long peers keep this member's entries, stale, when it restarts); 0 for none. Never
+    /// sent at version 1.
+    pub restart_time: u8,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { version: crate::wire::VERSION_1, keepalive: Duration::from_secs(1), dead_after: 3 }
+        SessionConfig {
+            version: crate::wire::VERSION_1,
+            keepalive: Duration::from_secs(1),
+            dead_after: 3,
+            restart_time: 0,
+        }
     }
 }
 
@@ -133,6 +142,7 @@ impl CloseReason {
             CloseReason::PeerLeft(ErrorCode::BAD_MESSAGE) => "peer_left_bad_message",
             CloseReason::PeerLeft(ErrorCode::DUPLICATE_CHANNEL) => "peer_left_duplicate_channel",
             CloseReason::PeerLeft(ErrorCode::STALLED) => "peer_left_stalled",
+            CloseReason::PeerLeft(ErrorCode::RESTARTING) => "peer_restarting",
             CloseReason::PeerLeft(_) => "peer_left_other",
             CloseReason::RejectedByPeer(_) => "rejected_by_peer",
             CloseReason::Rejected(_) => "rejected",
@@ -228,6 +238,8 @@ pub struct Session {
     version: u8,
     /// The peer's member id, if known: advertisements must carry it.
     peer_member: Option<MemberId>,
+    /// The restart time the peer announced in its PEER_JOIN (version 2 channels only).
+    peer_restart_time: u8,
     state: State,
     join_pending: bool,
     inbuf: Vec<u8>,
@@ -251,6 +263,7 @@ impl Session {
             config,
             version: config.version,
             peer_member: None,
+            peer_restart_time: 0,
             state: State::Connect,
             join_pending: false,
             inbuf: Vec::new(),
@@ -265,9 +278,21 @@ impl Session {
             counters: Counters::default(),
         };
         if role == Role::Initiator {
-            s.queue(now, Message::PeerJoin { version: config.version });
+            s.queue(now, s.join_message(config.version));
         }
         s
+    }
+
+    /// Our PEER_JOIN at `version`: the restart time goes in byte 3 from version 2 on.
+    fn join_message(&self, version: u8) -> Message {
+        let restart_time = if version >= wire::VERSION_2 { self.config.restart_time } else { 0 };
+        Message::PeerJoin { version, restart_time }
+    }
+
+    /// The restart time the peer announced (graceful restart), in seconds; 0 on a version-1
+    /// channel, before the join, or when the peer announced none.
+    pub fn peer_restart_time(&self) -> u8 {
+        self.peer_restart_time
     }
 
     /// Names the peer's member id: its advertisements must carry it in their member byte.
@@ -386,7 +411,7 @@ impl Session {
 
     fn on_message(&mut self, now: Instant, m: Message) {
         match (self.state, m) {
-            (State::Connect, Message::PeerJoin { version }) => {
+            (State::Connect, Message::PeerJoin { version, restart_time }) => {
                 if self.role == Role::Acceptor {
                     if self.admission == Admission::NotMember {
                         self.reject(now, ErrorCode::NOT_A_MEMBER);
@@ -394,6 +419,7 @@ impl Session {
                         self.reject(now, ErrorCode::VERSION_MISMATCH);
                     } else {
                         self.version = version;
+                        self.peer_restart_time = if version >= wire::VERSION_2 { restart_time } else { 0 };
                         self.join_pending = true;
                         self.events.push_back(Event::JoinRequested);
                     }
@@ -401,6 +427,7 @@ impl Session {
                     self.leave(now, ErrorCode::VERSION_MISMATCH);
                 } else {
                     self.version = version;
+                    self.peer_restart_time = if version >= wire::VERSION_2 { restart_time } else { 0 };
                     self.state = State::Synchronize;
                     self.events.push_back(Event::Joined);
                 }
@@ -443,7 +470,7 @@ impl Session {
             return;
         }
         self.join_pending = false;
-        self.queue(now, Message::PeerJoin { version: self.version });
+        self.queue(now, self.join_message(self.version));
         self.state = State::Synchronize;
         self.events.push_back(Event::Joined);
         let pending = std::mem::take(&mut self.inbuf);

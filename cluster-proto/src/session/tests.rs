@@ -7,7 +7,7 @@ use crate::flow::Protocol;
 use crate::wire::VERSION_1;
 
 fn cfg() -> SessionConfig {
-    SessionConfig { version: VERSION_1, keepalive: Duration::from_millis(100), dead_after: 3 }
+    SessionConfig { version: VERSION_1, keepalive: Duration::from_millis(100), dead_after: 3, restart_time: 0 }
 }
 
 fn conn(i: u32) -> Connection {

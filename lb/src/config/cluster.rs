@@ -38,6 +38,10 @@ pub struct Cluster {
     /// Silent intervals after which a peer is dead.
     #[serde(default = "default_dead_after")]
     pub dead_after: u32,
+    /// Graceful restart (version 2): the restart time this member announces, in seconds
+    /// (1-255): how long its peers keep its entries, stale, when it restarts. 0 turns it off.
+    #[serde(default = "default_restart_time")]
+    pub restart_time_secs: u8,
     /// Connect attempts per peer: "infinite" or a count.
     #[serde(default)]
     pub connect_retries: RetriesSetting,
@@ -154,6 +158,10 @@ fn default_keepalive() -> u64 {
 
 fn default_dead_after() -> u32 {
     3
+}
+
+fn default_restart_time() -> u8 {
+    60
 }
 
 fn default_send_queue() -> usize {
@@ -286,7 +294,12 @@ impl Config {
             members.push(MemberConfig {
                 address,
                 port,
-                session: SessionConfig { version: c.version, keepalive: ka, dead_after: dead },
+                session: SessionConfig {
+                    version: c.version,
+                    keepalive: ka,
+                    dead_after: dead,
+                    restart_time: c.restart_time_secs,
+                },
                 connect_retries: retries,
             });
         }

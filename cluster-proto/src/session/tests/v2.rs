@@ -240,3 +240,31 @@ fn v2_member_falls_back_to_1_with_a_v1_member_and_installs_flow() {
     assert!(c.members[1].adverts.borrow().is_empty());
     assert_eq!(c.members[2].adverts.borrow().len(), 1);
 }
+
+/// Graceful restart: the restart time rides in byte 3 of PEER_JOIN from version 2 on, both
+/// ways; at version 1 byte 3 stays 0 (the paper's bytes) and nothing is learned from it.
+#[test]
+fn restart_time_is_announced_in_peer_join_at_version_2_only() {
+    let now = Instant::now();
+    let with = |version: u8, restart_time: u8| SessionConfig { version, restart_time, ..cfg() };
+    let mut a = Session::new(Role::Initiator, Admission::Member, with(2, 60), now);
+    assert_eq!(a.poll_transmit().map(|b| b.to_vec()), Some(vec![3, 1, 2, 60]));
+    let mut b = Session::new(Role::Acceptor, Admission::Member, with(2, 30), now);
+    deliver(now, &mut a, &mut b, 1);
+    assert_eq!(events(&mut b), vec![Event::JoinRequested]);
+    b.accept(now);
+    assert_eq!(b.poll_transmit().map(|x| x.to_vec()), Some(vec![3, 1, 2, 30]));
+    deliver(now, &mut b, &mut a, 1);
+    assert_eq!((a.peer_restart_time(), b.peer_restart_time()), (30, 60));
+
+    // A version-1 initiator sends 0 whatever its setting; a version-2 acceptor answering a
+    // PEER_JOIN(1) sends 0 too, and ignores a byte 3 a version-1 peer might set.
+    let a = Session::new(Role::Initiator, Admission::Member, with(1, 60), now);
+    assert_eq!(a.poll_transmit().map(|x| x.to_vec()), Some(vec![3, 1, 1, 0]));
+    let mut b = Session::new(Role::Acceptor, Admission::Member, with(2, 30), now);
+    b.handle_bytes(now, &[3, 1, 1, 9]);
+    assert_eq!(events(&mut b), vec![Event::JoinRequested]);
+    b.accept(now);
+    assert_eq!(b.poll_transmit().map(|x| x.to_vec()), Some(vec![3, 1, 1, 0]));
+    assert_eq!((b.version(), b.peer_restart_time()), (1, 0));
+}
