@@ -489,3 +489,99 @@ fn sighup_applies_live_keys_and_refuses_the_rest_by_name() {
     assert_eq!(held(), 250);
     rt.block_on(mesh.shutdown(Duration::from_secs(1)));
 }
+
+/// Issue 11: a member restarted with SIGTERM gets its connections back from its state file,
+/// and its peer never drops them meanwhile (graceful restart, version 2); after a kill -9 it
+/// gets back what its last periodic save held. Two real `lb run` processes on loopback.
+#[test]
+fn a_restarted_member_gets_its_connections_back_and_its_peer_never_drops_them() {
+    const N: usize = 2000;
+    let port = free_port();
+    let (a_addr, b_addr) = (lo(171), lo(172));
+    let dir = TempDir::new("restart");
+    let state = dir.0.join(format!("{a_addr}.state"));
+    let cfg = |me: std::net::IpAddr, admin: SocketAddr| {
+        let file = dir.0.join(format!("{me}.state"));
+        config(me, port, &[a_addr, b_addr], admin, 200).replace(
+            "version = 1",
+            &format!("version = 2\nrestart_time_secs = 3\nstate_file = \"{}\"\nstate_save_ms = 200", file.display()),
+        )
+    };
+    let spawn = |me: std::net::IpAddr, admin: SocketAddr, name: &str| {
+        let path = dir.0.join(format!("{name}.toml"));
+        std::fs::write(&path, cfg(me, admin)).unwrap();
+        let log = dir.0.join(format!("{name}.log"));
+        let child = Command::new(LB)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, admin, log, _dir: TempDir::new(name) };
+        wait_until("admin API up", Duration::from_secs(10), || {
+            lb::client::request(admin, "GET", "/peers", None).is_ok()
+        });
+        d
+    };
+    let (admin_a, admin_b) = (SocketAddr::new(a_addr, free_port()), SocketAddr::new(b_addr, free_port()));
+    let b = spawn(b_addr, admin_b, "b");
+    let mut a = spawn(a_addr, admin_a, "a");
+    let items: Vec<String> = (0..N)
+        .map(|i| format!(r#"{{"protocol":"tcp","src":"198.18.{}.{}:4000","dst":"203.0.113.9:443"}}"#, i / 250, i % 250))
+        .collect();
+    let (status, body) =
+        lb::client::request(admin_a, "POST", "/connections", Some(&format!("[{}]", items.join(",")))).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let held_by_b = || b.flows(&format!("member={a_addr}&limit=1")).total;
+    wait_until("b holds a's connections", Duration::from_secs(10), || held_by_b() == N);
+
+    // SIGTERM: PEER_LEAVE(restarting); b keeps everything while a is down and comes back.
+    let stop = |a: &mut Daemon, sig: i32| {
+        a.signal(sig);
+        let t0 = std::time::Instant::now();
+        while a.child.try_wait().unwrap().is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "a did not exit");
+            assert_eq!(held_by_b(), N, "b dropped a's connections while a stopped");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    stop(&mut a, libc::SIGTERM);
+    assert!(a.log().contains("SIGTERM"), "{}", a.log());
+    let saved = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(saved as usize, 8 + 16 * N + 12, "the state file holds the {N} connections: {}", a.log());
+    for _ in 0..10 {
+        assert_eq!(held_by_b(), N, "b dropped a's connections while a was down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = std::time::Instant::now();
+    let mut a = spawn(a_addr, admin_a, "a2");
+    assert!(a.log().contains("registered again from the state file"), "{}", a.log());
+    assert_eq!(a.flows(&format!("member={a_addr}&limit=1")).total, N, "a restored its own connections: {}", a.log());
+    // Past the end of the restart time (3 s): nothing was purged, a sent them all again.
+    while left.elapsed() < Duration::from_secs(4) {
+        assert_eq!(held_by_b(), N, "b dropped some of a's connections after the restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let m = b.metrics();
+    assert_eq!(sample(&m, &format!("lb_stale_entries_purged_total{{peer=\"{a_addr}\"}}")), Some(0.0), "{m}");
+    assert_eq!(sample(&m, &format!("lb_peer_down_total{{peer=\"{a_addr}\",reason=\"peer_restarting\"}}")), Some(1.0));
+
+    // kill -9 after removing 10: the periodic save (every 200 ms) had them; b keeps the rest.
+    for item in &items[..10] {
+        let (status, _) = lb::client::request(admin_a, "DELETE", "/connections", Some(item)).unwrap();
+        assert_eq!(status, 200);
+    }
+    wait_until("b saw the removes", Duration::from_secs(5), || held_by_b() == N - 10);
+    std::thread::sleep(Duration::from_millis(600));
+    a.signal(libc::SIGKILL);
+    let _ = a.child.wait();
+    let a = spawn(a_addr, admin_a, "a3");
+    assert_eq!(a.flows(&format!("member={a_addr}&limit=1")).total, N - 10, "restored from the last periodic save");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(held_by_b(), N - 10, "nothing purged after the crash either");
+    drop(a);
+    drop(b);
+}

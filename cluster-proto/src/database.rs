@@ -862,23 +862,39 @@ pub fn entry_digest(e: &Entry) -> u64 {
 pub struct ConnectionTable {
     db: ConnectionDatabase,
     me: MemberId,
+    /// Bumped by every change, so a saver can tell whether there is anything new to save.
+    generation: AtomicUsize,
 }
 
 impl ConnectionTable {
     /// An empty table for member `me`.
     pub fn new(me: MemberId) -> Self {
-        ConnectionTable { db: ConnectionDatabase::new(), me }
+        ConnectionTable { db: ConnectionDatabase::new(), me, generation: AtomicUsize::new(0) }
     }
 
     /// Adds or updates a local connection; true when it is new or its action changed.
     pub fn insert(&self, connection: &Connection, action: Action) -> bool {
-        self.db.install(connection, self.me, action) != InstallOutcome::Unchanged
+        let changed = self.db.install(connection, self.me, action) != InstallOutcome::Unchanged;
+        if changed {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        changed
     }
 
     /// Removes a local connection; returns its action if it was there.
     pub fn remove(&self, connection: &Connection) -> Option<Action> {
         let action = self.db.owner_of(connection)?.1;
-        (self.db.remove(connection, self.me) == RemoveOutcome::Removed).then_some(action)
+        let removed = self.db.remove(connection, self.me) == RemoveOutcome::Removed;
+        if removed {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        removed.then_some(action)
+    }
+
+    /// Changes so far (inserts and removes that changed the table); equal readings mean no
+    /// change in between.
+    pub fn generation(&self) -> usize {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The action for a packet of a local connection, in either direction. Never blocks.

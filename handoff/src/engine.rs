@@ -142,6 +142,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Engine<T> {
         }
     }
 
+    /// Tracks a local connection registered again after a restart (the state file), so that
+    /// it ends, and is removed, like one this engine installed itself.
+    pub fn restore(&mut self, now: Instant, connection: Connection) {
+        self.tracker.restore(now, connection);
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> EngineStats {
         let decisions =

@@ -75,6 +75,16 @@ impl Tracker {
         });
     }
 
+    /// Tracks a connection registered again from the state file after a restart, as
+    /// established (no embryonic timeout: it was answered before the restart): it ends on
+    /// FIN/RST or after the idle timeouts, like any other.
+    pub fn restore(&mut self, now: Instant, installed: Connection) {
+        self.start(now, installed);
+        if let Some(s) = self.flows.get_mut(&flow_key(&installed)) {
+            s.heard_from_dst = true;
+        }
+    }
+
     /// Notes a packet of a tracked connection.
     pub fn observe(&mut self, now: Instant, p: &FlowPacket) {
         let Some(s) = self.flows.get_mut(&flow_key(&p.connection)) else { return };

@@ -28,6 +28,12 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
     let mesh = Mesh::start(mesh_config, metrics.clone()).await?;
     metrics.set_mesh(&mesh);
     tracing::info!(address = %mesh.address(), port = mesh.port(), members = mesh.members().len(), "member started");
+    // This member's own connections from before its restart: registered again, so its table
+    // sync sends them and its peers' stale entries (graceful restart) are reclaimed.
+    let restored = match &config.cluster.state_file {
+        Some(file) => restore_state(&mesh, file),
+        None => Vec::new(),
+    };
     // The admin API first: everything after it installs system state (rules, routes), and
     // must not be left behind if a later step fails.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -72,7 +78,7 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
     };
     let dataplane = match (&config.dataplane, &steering) {
         (Some(d), Some(st)) => {
-            let dp = crate::dataplane::start(d, st.clone(), &mesh)?;
+            let dp = crate::dataplane::start(d, st.clone(), &mesh, &restored)?;
             metrics.set_dataplane(dp.stats.clone());
             tracing::info!(queue = d.queue, tun = %d.tun, policy = %d.policy, "data plane started");
             Some(dp)
@@ -134,6 +140,10 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
         tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
         tokio::spawn(crate::notify::watchdog(every, healthy, stop_rx.clone()));
     }
+    let saver = config.cluster.state_file.clone().map(|file| {
+        let every = Duration::from_millis(config.cluster.state_save_ms);
+        tokio::spawn(save_state_every(mesh.clone(), file, every, stop_rx.clone()))
+    });
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -167,6 +177,23 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     drop(_proxy_rules);
+    if let Some(task) = saver {
+        // Ended by the stop signal; a save under way finishes first.
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    if let Some(file) = &config.cluster.state_file {
+        if for_good {
+            // Out of service: nothing to come back to.
+            if let Err(e) = std::fs::remove_file(file).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }) {
+                tracing::warn!(file = %file.display(), error = %e, "cannot remove the state file");
+            }
+        } else {
+            save_state(&mesh, file).await;
+        }
+    }
     if for_good {
         mesh.leave_for_good(Duration::from_secs(2)).await;
     } else {
@@ -178,6 +205,58 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
     }
     tracing::info!("left the cluster");
     Ok(())
+}
+
+/// Registers the connections of the state file again. A file that cannot be used is reported
+/// and left as it is (for a look), and the member starts with no connection of its own.
+fn restore_state(mesh: &Mesh, file: &std::path::Path) -> Vec<cluster_proto::Connection> {
+    match crate::state::load(file) {
+        Ok(entries) => {
+            let mut lost = 0;
+            for &(c, action) in &entries {
+                if let cluster_proto::mesh::Claim::Lost { .. } = mesh.claim(c, action) {
+                    lost += 1;
+                }
+            }
+            tracing::info!(file = %file.display(), restored = entries.len() - lost, lost, "own connections registered again from the state file");
+            entries.into_iter().map(|(c, _)| c).collect()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "state file not used: starting with no connection of this member's own");
+            Vec::new()
+        }
+    }
+}
+
+/// Writes this member's own connections to the state file (off the runtime).
+async fn save_state(mesh: &Mesh, file: &std::path::Path) {
+    let (mesh, path) = (mesh.clone(), file.to_path_buf());
+    let done = tokio::task::spawn_blocking(move || {
+        let entries = mesh.local().snapshot();
+        crate::state::save(&path, &entries).map(|_| entries.len())
+    })
+    .await;
+    match done {
+        Ok(Ok(n)) => tracing::debug!(file = %file.display(), connections = n, "state file saved"),
+        Ok(Err(e)) => tracing::warn!(file = %file.display(), error = %e, "cannot write the state file"),
+        Err(e) => tracing::warn!(error = %e, "the state file task failed"),
+    }
+}
+
+/// Saves the state file every `every` while the connections change, until `stop`.
+async fn save_state_every(mesh: Mesh, file: PathBuf, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut saved = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let generation = mesh.local().generation();
+        if saved != Some(generation) {
+            save_state(&mesh, &file).await;
+            saved = Some(generation);
+        }
+    }
 }
 
 /// SIGHUP (`systemctl reload`, logrotate): reads the configuration file again and applies what

@@ -100,7 +100,14 @@ pub fn owner_ids(owners: &[std::net::IpAddr], members: &[std::net::IpAddr]) -> O
 }
 
 /// Opens the devices, installs the rules and starts the driver thread.
-pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Result<RunningDataplane> {
+/// `restored`: local connections registered again from the state file; the engine tracks them
+/// (they end on FIN/RST or when idle, and are removed then).
+pub fn start(
+    d: &Dataplane,
+    steering: Arc<Steering>,
+    mesh: &Mesh,
+    restored: &[Connection],
+) -> anyhow::Result<RunningDataplane> {
     let tun = Tun::open(&d.tun).with_context(|| format!("cannot open TUN device {} (root needed)", d.tun))?;
     tun.configure().with_context(|| format!("cannot configure {}", d.tun))?;
     let tunnel = RawTunnel::open(mesh.address()).context("cannot open the raw IP-in-IP sockets (root needed)")?;
@@ -120,7 +127,7 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
     let hold_time = Duration::from_millis(d.hold_ms);
     let classifier = Classifier::new(Box::new(SteeringPolicy(steering)), bypass, hold_time);
     let bypass = classifier.bypass_list();
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         EngineConfig {
             address: mesh.address(),
             members: mesh.members(),
@@ -138,6 +145,10 @@ pub fn start(d: &Dataplane, steering: Arc<Steering>, mesh: &Mesh) -> anyhow::Res
         },
         classifier,
     );
+    let now = std::time::Instant::now();
+    for c in restored {
+        engine.restore(now, *c);
+    }
     let driver = Driver::new(engine, Devices { queue, tunnel, tun })?;
     let waker = driver.waker();
     mesh.set_install_listener(Box::new(move |c| waker.on_install(c)));

@@ -18,4 +18,5 @@ pub mod proxy;
 pub mod relay;
 pub mod reload;
 pub mod rules;
+pub mod state;
 pub mod steering;

@@ -706,8 +706,12 @@ impl Inner {
         self.membership.fetch_add(1, Ordering::AcqRel);
         slot.connect_failures = 0;
         slot.set_state(PeerState::Synchronize);
-        drop(slot);
+        // The link is set while the slot is still held (slot, then outbound: the order every
+        // path nests them in): two channels of one peer joining at once on two threads could
+        // otherwise leave the link on the one superseded, and every later update of this
+        // member would go to a closed channel while the peer's current one heard nothing.
         let mut out = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+        drop(slot);
         // The queue is new and empty, so the marker always fits. The table is read later, a
         // part at a time, under this same lock: every change registered before is in what it
         // reads, and every change after is queued behind the marker too (a duplicate INSTALL

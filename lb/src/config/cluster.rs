@@ -42,6 +42,13 @@ pub struct Cluster {
     /// (1-255): how long its peers keep its entries, stale, when it restarts. 0 turns it off.
     #[serde(default = "default_restart_time")]
     pub restart_time_secs: u8,
+    /// This member's own connections are saved here while it runs and when it stops, and
+    /// registered again when it starts (`state.rs`). None: nothing is saved.
+    #[serde(default)]
+    pub state_file: Option<std::path::PathBuf>,
+    /// How often the state file is rewritten when the connections changed, in ms.
+    #[serde(default = "default_state_save")]
+    pub state_save_ms: u64,
     /// Connect attempts per peer: "infinite" or a count.
     #[serde(default)]
     pub connect_retries: RetriesSetting,
@@ -164,6 +171,10 @@ fn default_restart_time() -> u8 {
     60
 }
 
+fn default_state_save() -> u64 {
+    1000
+}
+
 fn default_send_queue() -> usize {
     1 << 16
 }
@@ -217,6 +228,15 @@ impl Config {
                 "cluster.test_send_delay_ms",
                 format!("at most 10000 (a test aid), got {}", c.test_send_delay_ms),
             ));
+        }
+        if !(100..=3_600_000).contains(&c.state_save_ms) {
+            return Err(invalid(
+                "cluster.state_save_ms",
+                format!("must be between 100 and 3600000 milliseconds, got {}", c.state_save_ms),
+            ));
+        }
+        if c.state_file.as_ref().is_some_and(|p| p.as_os_str().is_empty() || p.is_dir()) {
+            return Err(invalid("cluster.state_file", "must name a file (not empty, not a directory)"));
         }
         if c.max_entries_per_member == 0 {
             return Err(invalid("cluster.max_entries_per_member", "must be at least 1"));
