@@ -500,32 +500,7 @@ fn a_restarted_member_gets_its_connections_back_and_its_peer_never_drops_them() 
     let (a_addr, b_addr) = (lo(171), lo(172));
     let dir = TempDir::new("restart");
     let state = dir.0.join(format!("{a_addr}.state"));
-    let cfg = |me: std::net::IpAddr, admin: SocketAddr| {
-        let file = dir.0.join(format!("{me}.state"));
-        config(me, port, &[a_addr, b_addr], admin, 200).replace(
-            "version = 1",
-            &format!("version = 2\nrestart_time_secs = 3\nstate_file = \"{}\"\nstate_save_ms = 200", file.display()),
-        )
-    };
-    let spawn = |me: std::net::IpAddr, admin: SocketAddr, name: &str| {
-        let path = dir.0.join(format!("{name}.toml"));
-        std::fs::write(&path, cfg(me, admin)).unwrap();
-        let log = dir.0.join(format!("{name}.log"));
-        let child = Command::new(LB)
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, admin, log, _dir: TempDir::new(name) };
-        wait_until("admin API up", Duration::from_secs(10), || {
-            lb::client::request(admin, "GET", "/peers", None).is_ok()
-        });
-        d
-    };
+    let spawn = |me, admin, name: &str| restartable(&dir, port, &[a_addr, b_addr], me, admin, name, 3);
     let (admin_a, admin_b) = (SocketAddr::new(a_addr, free_port()), SocketAddr::new(b_addr, free_port()));
     let b = spawn(b_addr, admin_b, "b");
     let mut a = spawn(a_addr, admin_a, "a");
@@ -539,16 +514,7 @@ fn a_restarted_member_gets_its_connections_back_and_its_peer_never_drops_them() 
     wait_until("b holds a's connections", Duration::from_secs(10), || held_by_b() == N);
 
     // SIGTERM: PEER_LEAVE(restarting); b keeps everything while a is down and comes back.
-    let stop = |a: &mut Daemon, sig: i32| {
-        a.signal(sig);
-        let t0 = std::time::Instant::now();
-        while a.child.try_wait().unwrap().is_none() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "a did not exit");
-            assert_eq!(held_by_b(), N, "b dropped a's connections while a stopped");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    stop(&mut a, libc::SIGTERM);
+    stop_member(&mut a, libc::SIGTERM, || assert_eq!(held_by_b(), N, "b dropped a's connections while a stopped"));
     assert!(a.log().contains("SIGTERM"), "{}", a.log());
     let saved = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
     assert_eq!(saved as usize, 8 + 16 * N + 12, "the state file holds the {N} connections: {}", a.log());
@@ -584,4 +550,126 @@ fn a_restarted_member_gets_its_connections_back_and_its_peer_never_drops_them() 
     assert_eq!(held_by_b(), N - 10, "nothing purged after the crash either");
     drop(a);
     drop(b);
+}
+
+/// A member of a version-2 cluster with graceful restart (`restart_secs`) and a state file
+/// in `dir` (one per address, so a restart with the same address finds it), as `lb run`.
+fn restartable(
+    dir: &TempDir,
+    port: u16,
+    members: &[std::net::IpAddr],
+    me: std::net::IpAddr,
+    admin: SocketAddr,
+    name: &str,
+    restart_secs: u8,
+) -> Daemon {
+    let file = dir.0.join(format!("{me}.state"));
+    let text = config(me, port, members, admin, 200).replace(
+        "version = 1",
+        &format!(
+            "version = 2\nrestart_time_secs = {restart_secs}\nstate_file = \"{}\"\nstate_save_ms = 200",
+            file.display()
+        ),
+    );
+    let path = dir.0.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    let log = dir.0.join(format!("{name}.log"));
+    let child = Command::new(LB)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, admin, log, _dir: TempDir::new(name) };
+    wait_until("admin API up", Duration::from_secs(10), || lb::client::request(admin, "GET", "/peers", None).is_ok());
+    d
+}
+
+/// Sends `sig`, then waits (bounded) for the exit; `meanwhile` runs while the member stops.
+fn stop_member(d: &mut Daemon, sig: i32, mut meanwhile: impl FnMut()) {
+    d.signal(sig);
+    let t0 = std::time::Instant::now();
+    while d.child.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the member did not exit");
+        meanwhile();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `n` connections of member number `owner` from `from` on, as POST /connections items.
+fn connections_of(owner: usize, from: usize, n: usize) -> Vec<String> {
+    (from..from + n)
+        .map(|i| {
+            format!(r#"{{"protocol":"tcp","src":"198.18.{}.{}:{}","dst":"203.0.113.9:443"}}"#, owner, i % 250, 1000 + i)
+        })
+        .collect()
+}
+
+/// Issue 11, Deliver 6 (the mesh part): a rolling restart of a 3-member cluster, SIGTERM then
+/// start of each member in turn, while connections keep being registered at the members that
+/// are up. At every check, every running member holds every member's connections: none lost.
+#[test]
+fn a_rolling_restart_of_three_members_loses_no_connection() {
+    const START: usize = 500;
+    let port = free_port();
+    let addrs = [lo(181), lo(182), lo(183)];
+    let dir = TempDir::new("rolling");
+    let admins: Vec<SocketAddr> = addrs.iter().map(|&a| SocketAddr::new(a, free_port())).collect();
+    let mut members: Vec<Option<Daemon>> =
+        (0..3).map(|i| Some(restartable(&dir, port, &addrs, addrs[i], admins[i], &format!("m{i}"), 5))).collect();
+    let mut expected = [0usize; 3];
+    let register = |i: usize, from: usize, n: usize| {
+        let body = format!("[{}]", connections_of(i, from, n).join(","));
+        let (status, text) = lb::client::request(admins[i], "POST", "/connections", Some(&body)).unwrap();
+        assert!(status == 200 && text.contains(&format!("\"installed\":{n}")), "{status} {text}");
+    };
+    for (i, e) in expected.iter_mut().enumerate() {
+        register(i, 0, START);
+        *e = START;
+    }
+    let holds = |viewer: usize, owner: usize| {
+        lb::client::get_json::<FlowsView>(admins[viewer], &format!("/flows?member={}&limit=1", addrs[owner]))
+            .map(|v| v.total)
+            .unwrap_or(usize::MAX)
+    };
+    let all_hold = |up: &[usize], expected: &[usize; 3]| up.iter().all(|&v| (0..3).all(|o| holds(v, o) == expected[o]));
+    wait_until("everyone holds everything", Duration::from_secs(15), || all_hold(&[0, 1, 2], &expected));
+    for round in 0..3 {
+        let others: Vec<usize> = (0..3).filter(|&o| o != round).collect();
+        let mut m = members[round].take().unwrap();
+        stop_member(&mut m, libc::SIGTERM, || {
+            for &v in &others {
+                assert_eq!(holds(v, round), expected[round], "member {v} dropped member {round}'s connections");
+            }
+        });
+        drop(m);
+        // Registered while it is down, at the members that are up.
+        for &o in &others {
+            register(o, expected[o], 50);
+            expected[o] += 50;
+        }
+        wait_until("the others hold everything", Duration::from_secs(10), || all_hold(&others, &expected));
+        members[round] = Some(restartable(&dir, port, &addrs, addrs[round], admins[round], &format!("m{round}r"), 5));
+        wait_until("the restarted member holds everything", Duration::from_secs(15), || {
+            all_hold(&[0, 1, 2], &expected)
+        });
+        register(round, expected[round], 50);
+        expected[round] += 50;
+    }
+    // Past every restart time: nothing was purged anywhere.
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        assert!(all_hold(&[0, 1, 2], &expected), "a connection was lost: expected {expected:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (i, m) in members.iter().enumerate() {
+        let text = m.as_ref().unwrap().metrics();
+        for o in (0..3).filter(|&o| o != i) {
+            let series = format!("lb_stale_entries_purged_total{{peer=\"{}\"}}", addrs[o]);
+            assert_eq!(sample(&text, &series), Some(0.0), "member {i}: {series}");
+        }
+    }
 }
