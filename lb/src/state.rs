@@ -14,6 +14,7 @@
 //! or frames do not match, is refused whole with the reason: nothing of it is registered.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use cluster_proto::wire::Message;
@@ -100,7 +101,8 @@ pub fn save(path: &Path, entries: &[(Connection, Action)]) -> std::io::Result<()
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
+    // Connection 5-tuples: readable by this user only.
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(&encode(entries))?;
     f.sync_all()?;
     drop(f);
@@ -202,6 +204,8 @@ mod tests {
         save(&path, &entries()[..1]).unwrap();
         assert_eq!(load(&path).unwrap(), entries()[..1].to_vec());
         assert!(!dir.join("connections.state.tmp").exists());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
