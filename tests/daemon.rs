@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::*;
@@ -371,17 +371,7 @@ fn tls_cluster_from_gen_certs() {
         let path = dir.0.join(format!("{a}.toml"));
         std::fs::write(&path, cfg).unwrap();
         let log = dir.0.join(format!("{a}.log"));
-        let child = Command::new(LB)
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, admin, log, _dir: TempDir::new("tls-d") };
-        wait_until("admin up", Duration::from_secs(10), || lb::client::request(d.admin, "GET", "/peers", None).is_ok());
-        daemons.push(d);
+        daemons.push(Daemon::run(&path, admin, log, &[], None, TempDir::new("tls-d")));
     }
     daemons[1].install("tcp", "192.0.2.1:1", "198.51.100.1:2", "forward");
     wait_until("entry over TLS", Duration::from_secs(10), || daemons[0].flows("").total == 1);
@@ -417,17 +407,7 @@ fn sighup_applies_live_keys_and_refuses_the_rest_by_name() {
     std::fs::write(&cfg, text(100, 1, "info", 500)).unwrap();
     let log = dir.0.join("lb.log");
     // No RUST_LOG: the level is the file's, so a reload may change it.
-    let child = Command::new(LB)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, admin, log, _dir: TempDir::new("reload-d") };
-    wait_until("admin API up", Duration::from_secs(10), || lb::client::request(admin, "GET", "/peers", None).is_ok());
+    let d = Daemon::run(&cfg, admin, log, &[], None, TempDir::new("reload-d"));
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let session = SessionConfig { version: 1, keepalive: Duration::from_millis(500), dead_after: 3, restart_time: 0 };
@@ -573,19 +553,7 @@ fn restartable(
     );
     let path = dir.0.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
-    let log = dir.0.join(format!("{name}.log"));
-    let child = Command::new(LB)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, admin, log, _dir: TempDir::new(name) };
-    wait_until("admin API up", Duration::from_secs(10), || lb::client::request(admin, "GET", "/peers", None).is_ok());
-    d
+    Daemon::run(&path, admin, dir.0.join(format!("{name}.log")), &[], Some("info"), TempDir::new(name))
 }
 
 /// Sends `sig`, then waits (bounded) for the exit; `meanwhile` runs while the member stops.

@@ -63,17 +63,24 @@ fn held(a: &Mesh, b: &Mesh) -> usize {
     a.database().count_of(b.me(), Action::Forward) + a.database().count_of(b.me(), Action::Bypass)
 }
 
+/// Members a (lo(`first`)) and b (the next address) at `version`; b registers `n`
+/// connections with `action`, and a holds them. a's events are counted.
+async fn pair(first: u8, version: u8, n: u32, action: Action) -> (Mesh, Mesh, Arc<Events>, [IpAddr; 2], u16) {
+    let port = free_port();
+    let addrs = [lo(first), lo(first + 1)];
+    let events = Arc::new(Events::default());
+    let a = member(addrs[0], port, &addrs, version, events.clone()).await;
+    let b = member(addrs[1], port, &addrs, version, Arc::new(Events::default())).await;
+    for i in 0..n {
+        b.install(conn(i), action);
+    }
+    wait_until_async("a holds b's connections", Duration::from_secs(10), || held(&a, &b) == n as usize).await;
+    (a, b, events, addrs, port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gracefully_restarted_member_keeps_its_entries_and_what_it_does_not_send_again_goes() {
-    let port = free_port();
-    let addrs = [lo(121), lo(122)];
-    let events = Arc::new(Events::default());
-    let a = member(addrs[0], port, &addrs, 2, events.clone()).await;
-    let b = member(addrs[1], port, &addrs, 2, Arc::new(Events::default())).await;
-    for i in 0..1000 {
-        b.install(conn(i), Action::Forward);
-    }
-    wait_until_async("a holds b's 1000", Duration::from_secs(10), || held(&a, &b) == 1000).await;
+    let (a, b, events, addrs, port) = pair(121, 2, 1000, Action::Forward).await;
 
     // SIGTERM's path: PEER_LEAVE(restarting). The peer keeps everything, and says so.
     let left = Instant::now();
@@ -110,15 +117,7 @@ async fn a_gracefully_restarted_member_keeps_its_entries_and_what_it_does_not_se
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_member_that_does_not_come_back_is_purged_at_the_end_of_its_grace() {
-    let port = free_port();
-    let addrs = [lo(123), lo(124)];
-    let events = Arc::new(Events::default());
-    let a = member(addrs[0], port, &addrs, 2, events.clone()).await;
-    let b = member(addrs[1], port, &addrs, 2, Arc::new(Events::default())).await;
-    for i in 0..500 {
-        b.install(conn(i), Action::Bypass);
-    }
-    wait_until_async("a holds b's 500", Duration::from_secs(10), || held(&a, &b) == 500).await;
+    let (a, b, events, _, _) = pair(123, 2, 500, Action::Bypass).await;
     let killed = Instant::now();
     b.kill(); // the transport closes without PEER_LEAVE (kill -9)
     wait_until_async("a saw the channel close", Duration::from_secs(5), || {
@@ -137,15 +136,7 @@ async fn a_crashed_member_that_does_not_come_back_is_purged_at_the_end_of_its_gr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_1_channels_keep_the_papers_purge_at_once() {
-    let port = free_port();
-    let addrs = [lo(125), lo(126)];
-    let events = Arc::new(Events::default());
-    let a = member(addrs[0], port, &addrs, 1, events.clone()).await;
-    let b = member(addrs[1], port, &addrs, 1, Arc::new(Events::default())).await;
-    for i in 0..300 {
-        b.install(conn(i), Action::Forward);
-    }
-    wait_until_async("a holds b's 300", Duration::from_secs(10), || held(&a, &b) == 300).await;
+    let (a, b, events, _, _) = pair(125, 1, 300, Action::Forward).await;
     b.shutdown(Duration::from_secs(1)).await;
     wait_until_async("purged at once", Duration::from_secs(1), || held(&a, &b) == 0).await;
     assert_eq!(events.peer_left.load(Ordering::Relaxed), 1, "PEER_LEAVE(0) at version 1");
@@ -156,15 +147,7 @@ async fn version_1_channels_keep_the_papers_purge_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_taken_out_for_good_is_purged_at_once() {
-    let port = free_port();
-    let addrs = [lo(127), lo(128)];
-    let events = Arc::new(Events::default());
-    let a = member(addrs[0], port, &addrs, 2, events.clone()).await;
-    let b = member(addrs[1], port, &addrs, 2, Arc::new(Events::default())).await;
-    for i in 0..300 {
-        b.install(conn(i), Action::Forward);
-    }
-    wait_until_async("a holds b's 300", Duration::from_secs(10), || held(&a, &b) == 300).await;
+    let (a, b, events, _, _) = pair(127, 2, 300, Action::Forward).await;
     b.leave_for_good(Duration::from_secs(1)).await; // SIGUSR2's path: PEER_LEAVE(0)
     wait_until_async("purged at once", Duration::from_secs(1), || held(&a, &b) == 0).await;
     assert_eq!(events.peer_left.load(Ordering::Relaxed), 1);

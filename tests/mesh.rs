@@ -299,14 +299,23 @@ async fn twenty_members_with_20k_connections_each_converge() {
     }
 }
 
-/// Counts flood-guard refusals.
-#[derive(Default)]
-struct Refusals(std::sync::atomic::AtomicUsize);
+/// Counts flood-guard refusals for one reason (`entry_limit`, `rate_limit`).
+struct Refusals(&'static str, std::sync::atomic::AtomicUsize);
+
+impl Refusals {
+    fn of(reason: &'static str) -> Arc<Self> {
+        Arc::new(Refusals(reason, Default::default()))
+    }
+
+    fn count(&self) -> usize {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 impl cluster_proto::mesh::MeshObserver for Refusals {
     fn on_event(&self, e: &cluster_proto::mesh::MeshEvent) {
-        if matches!(e, cluster_proto::mesh::MeshEvent::InstallRefused { reason: "entry_limit", .. }) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if matches!(e, cluster_proto::mesh::MeshEvent::InstallRefused { reason, .. } if *reason == self.0) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -315,7 +324,7 @@ impl cluster_proto::mesh::MeshObserver for Refusals {
 async fn flood_guard_caps_the_entries_of_one_member() {
     let port = free_port();
     let addrs = [lo(71), lo(72)];
-    let refusals = Arc::new(Refusals::default());
+    let refusals = Refusals::of("entry_limit");
     let mut cfg = MeshConfig::uniform(addrs[0], port, &addrs, session(100), Retries::Infinite);
     cfg.max_entries_per_member = 100;
     let a = Mesh::start(cfg, refusals.clone()).await.unwrap();
@@ -327,10 +336,7 @@ async fn flood_guard_caps_the_entries_of_one_member() {
     for i in 0..150 {
         b.install(conn(72, i), Action::Forward);
     }
-    wait_until_async("refusals counted", Duration::from_secs(5), || {
-        refusals.0.load(std::sync::atomic::Ordering::Relaxed) == 50
-    })
-    .await;
+    wait_until_async("refusals counted", Duration::from_secs(5), || refusals.count() == 50).await;
     assert_eq!(a.database().len(), 100, "the cap holds");
     // Removes free room again.
     for i in 0..10 {
@@ -343,24 +349,13 @@ async fn flood_guard_caps_the_entries_of_one_member() {
     b.shutdown(Duration::from_secs(1)).await;
 }
 
-#[derive(Default)]
-struct RateRefusals(std::sync::atomic::AtomicUsize);
-
-impl cluster_proto::mesh::MeshObserver for RateRefusals {
-    fn on_event(&self, e: &cluster_proto::mesh::MeshEvent) {
-        if matches!(e, cluster_proto::mesh::MeshEvent::InstallRefused { reason: "rate_limit", .. }) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
 /// The token bucket: a burst of max_entries_per_member passes, then max_install_rate per
 /// second, even while the peer's entries stay far below the cap (INSTALLs applied in batches).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_guard_limits_the_install_rate_below_the_cap() {
     let port = free_port();
     let addrs = [lo(73), lo(74)];
-    let refusals = Arc::new(RateRefusals::default());
+    let refusals = Refusals::of("rate_limit");
     let mut cfg = MeshConfig::uniform(addrs[0], port, &addrs, session(100), Retries::Infinite);
     cfg.max_entries_per_member = 1000;
     cfg.max_install_rate = 1;
@@ -380,7 +375,7 @@ async fn flood_guard_limits_the_install_rate_below_the_cap() {
         b.install(conn(74, i), Action::Forward);
     }
     wait_until_async("the rest refused at 1 per second", Duration::from_secs(5), || {
-        refusals.0.load(std::sync::atomic::Ordering::Relaxed) + a.database().len() == 500
+        refusals.count() + a.database().len() == 500
     })
     .await;
     assert!(a.database().len() <= 10, "at most a few tokens came back: {} passed", a.database().len());

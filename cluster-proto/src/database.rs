@@ -759,16 +759,11 @@ impl ConnectionDatabase {
     /// marked with `stamp` (not installed again since [`ConnectionDatabase::mark_stale`]),
     /// each as its REMOVE would (a waiting claim takes over). Returns how many.
     pub fn purge_stale(&self, owner: MemberId, stamp: u32) -> usize {
-        let is_stale = |m: u64| owner_of(m) == owner && (m & TIME_MASK) as u32 == stamp;
+        let is_stale = |e: &Entry| e.owner == owner && e.installed_at == stamp;
         let mut doomed = Vec::new();
-        self.v4.for_each(|s| {
-            if is_stale(s[1]) {
-                doomed.push(v4_entry(s).connection);
-            }
-        });
-        self.v6.for_each(|s| {
-            if is_stale(s[4]) {
-                doomed.push(v6_entry(s).connection);
+        self.for_each(|e| {
+            if is_stale(&e) {
+                doomed.push(e.connection);
             }
         });
         let mut removed = 0;
@@ -776,10 +771,7 @@ impl ConnectionDatabase {
             let key = contest_key(&c);
             let mut map = self.stripe(&key);
             // Checked again under the stripe lock: an install since the scan refreshed it.
-            let still = match LookupKey::of(&c) {
-                LookupKey::V4(k) => self.v4.get(&k).is_some_and(|s| is_stale(s[1])),
-                LookupKey::V6(k) => self.v6.get(&k).is_some_and(|s| is_stale(s[4])),
-            };
+            let still = self.lookup(&c).is_some_and(|e| is_stale(&e));
             if still && self.remove_locked(&mut map, key, &c, owner) == RemoveOutcome::Removed {
                 removed += 1;
             }

@@ -184,11 +184,11 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
     if let Some(file) = &config.cluster.state_file {
         if for_good {
             // Out of service: nothing to come back to.
-            if let Err(e) = std::fs::remove_file(file).or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            }) {
-                tracing::warn!(file = %file.display(), error = %e, "cannot remove the state file");
+            match std::fs::remove_file(file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot remove the state file")
+                }
+                _ => {}
             }
         } else {
             save_state(&mesh, file).await;

@@ -1,7 +1,7 @@
 //! A real `lb run` process on loopback for the system tests.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -73,11 +73,27 @@ impl Daemon {
         let cfg = dir.0.join("lb.toml");
         std::fs::write(&cfg, config(me, port, members, admin, keepalive_ms) + extra).unwrap();
         let log = dir.0.join("lb.log");
-        let child = Command::new(LB)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .args(args)
-            .env("RUST_LOG", "info")
+        Daemon::run(&cfg, admin, log, args, Some("info"), dir)
+    }
+
+    /// `lb run --config cfg args`, its stderr in `log`, `RUST_LOG` set to `rust_log` (or
+    /// removed: the file's `[log] level` then holds); returns once its admin API at `admin`
+    /// answers. `dir` is removed with the daemon.
+    pub fn run(
+        cfg: &Path,
+        admin: SocketAddr,
+        log: PathBuf,
+        args: &[&str],
+        rust_log: Option<&str>,
+        dir: TempDir,
+    ) -> Daemon {
+        let mut cmd = Command::new(LB);
+        cmd.args(["run", "--config"]).arg(cfg).args(args);
+        match rust_log {
+            Some(level) => cmd.env("RUST_LOG", level),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
